@@ -1,0 +1,51 @@
+# Two commands on a fresh machine: `make run` and `make test`. Each creates .venv when missing.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+export RECSYS_HOME ?= $(CURDIR)/.recsys
+export DAGSTER_HOME ?= $(RECSYS_HOME)/dagster
+export PYTHONUNBUFFERED := 1
+
+.PHONY: run test ui serve venv dagster-home system-deps bench-pipeline bench-quality bench-serve bench-features clean
+
+venv: $(VENV)/.installed
+
+# requirements.lock pins every package as tested; pyproject.toml keeps ranges for other setups.
+$(VENV)/.installed: pyproject.toml requirements.lock
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip setuptools wheel
+	$(BIN)/pip install --quiet -r requirements.lock
+	$(BIN)/pip install --quiet --no-deps -e .
+	touch $@
+
+dagster-home:
+	mkdir -p "$(DAGSTER_HOME)"
+	cp dagster.yaml "$(DAGSTER_HOME)/dagster.yaml"
+
+## Materialize the whole asset graph on the embedded synthetic data, then say where everything is.
+run: venv dagster-home
+	$(BIN)/dagster job execute -m recsys_assets.definitions -j retrain_job
+	$(BIN)/python -m recsys_assets.summary
+
+## The test suite (installs what it needs; redis-server for the Redis online-store tests where apt-get can).
+test: venv system-deps
+	$(BIN)/python -m pytest -q tests
+
+system-deps:
+	@command -v redis-server >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null) \
+	  || echo "redis-server not installed: the Redis online-store tests will be skipped"; }
+
+## The Dagster UI on http://127.0.0.1:3000 (webserver + daemon for schedules and sensors).
+ui: venv dagster-home
+	$(BIN)/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000
+
+bench-pipeline: venv
+	$(BIN)/python benchmarks/pipeline_scale.py
+
+bench-quality: venv
+	$(BIN)/python benchmarks/quality_beauty.py
+
+clean:
+	rm -rf .recsys

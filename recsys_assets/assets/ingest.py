@@ -1,0 +1,126 @@
+"""Stage 1: raw events from the configured source (the synthetic generator by default)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import duckdb
+from dagster import (
+    AssetCheckExecutionContext,
+    AssetCheckResult,
+    AssetExecutionContext,
+    Config,
+    MetadataValue,
+    asset,
+    asset_check,
+)
+from pydantic import Field
+
+from recsys_assets.assets.metadata import table_markdown
+from recsys_assets.config import recsys_home
+from recsys_assets.data import sources, synthetic
+from recsys_assets.data.served_events import append_served_events, served_events_dir
+from recsys_assets.io_manager import TableQuery
+from recsys_assets.resources import WarehouseResource
+
+
+class RawEventsConfig(Config):
+    """Where the events come from; empty fields fall back to the environment, then to synthetic data."""
+
+    events_path: str = Field("", description="File, directory or glob; default $RECSYS_EVENTS_PATH.")
+    events_format: str = Field(
+        "", description=f"synthetic | {' | '.join(sources.FORMATS)}; default $RECSYS_EVENTS_FORMAT or synthetic."
+    )
+    synthetic_users: int | None = Field(None, description="Override the generator's number of users.")
+    synthetic_items: int | None = Field(None, description="Override the generator's number of items.")
+    synthetic_seed: int | None = Field(None, description="Override the generator's seed.")
+    include_served_events: bool = Field(
+        True, description="Append the events the serving API logged under $RECSYS_HOME/events/served."
+    )
+
+    def resolved(self) -> tuple[str, str]:
+        fmt = (self.events_format or os.environ.get("RECSYS_EVENTS_FORMAT") or "synthetic").lower()
+        path = self.events_path or os.environ.get("RECSYS_EVENTS_PATH", "")
+        if fmt != "synthetic" and not path:
+            raise ValueError(f"events format {fmt!r} needs a path: set RECSYS_EVENTS_PATH or events_path")
+        if fmt not in ("synthetic", *sources.FORMATS):
+            raise ValueError(f"unknown events format {fmt!r}; expected synthetic or one of {sources.FORMATS}")
+        return fmt, path
+
+
+def _synthetic_source(config: RawEventsConfig, log) -> tuple[Path, str]:
+    """Generate the default data once per generator config (cached under $RECSYS_HOME/sources)."""
+    overrides = {
+        "n_users": config.synthetic_users,
+        "n_items": config.synthetic_items,
+        "seed": config.synthetic_seed,
+    }
+    gen_config = synthetic.DEFAULT_CONFIG.model_copy(
+        update={k: v for k, v in overrides.items() if v is not None}
+    )
+    key = hashlib.sha256(gen_config.model_dump_json().encode()).hexdigest()[:12]
+    out_dir = recsys_home() / "sources" / f"synthetic-{key}"
+    done = out_dir / "_SUCCESS.json"
+    if not done.exists():
+        log.info(f"generating synthetic events into {out_dir}: {gen_config.model_dump_json()}")
+        summary = synthetic.generate_events(out_dir, gen_config)
+        done.write_text(summary.model_dump_json(indent=2))
+    else:
+        log.info(f"reusing synthetic events in {out_dir}")
+    return out_dir, gen_config.output_format
+
+
+@asset(
+    group_name="ingest",
+    io_manager_key="warehouse_io_manager",
+    description="Every event of the source in the canonical schema, unparsable rows included (with parse_error).",
+)
+def raw_events(context: AssetExecutionContext, config: RawEventsConfig, warehouse: WarehouseResource) -> TableQuery:
+    fmt, path = config.resolved()
+    if fmt == "synthetic":
+        source_dir, fmt = _synthetic_source(config, context.log)
+        path = str(source_dir)
+    with warehouse.connect() as con:
+        rows = sources.load_events(con, path, fmt, table="raw_events")
+        served = sorted(served_events_dir().glob("*.jsonl")) if config.include_served_events else []
+        served_rows = 0
+        if served:
+            served_rows = append_served_events(con, served, table="raw_events")
+        by_type = con.execute(
+            "SELECT coalesce(event_type, '<null>'), count(*) FROM raw_events GROUP BY 1 ORDER BY 2 DESC"
+        ).fetchall()
+        span = con.execute("SELECT min(ts)::VARCHAR, max(ts)::VARCHAR FROM raw_events").fetchall()[0]
+        errors = con.execute("SELECT count(*) FROM raw_events WHERE parse_error IS NOT NULL").fetchall()[0][0]
+        preview = con.sql("SELECT * EXCLUDE (raw_line) FROM raw_events LIMIT 10").pl()
+    context.log.info(f"loaded {rows:,} rows of {fmt} from {path} (+{served_rows:,} served events)")
+    context.add_output_metadata(
+        {
+            "source_format": fmt,
+            "source_path": path,
+            "source_rows": rows,
+            "served_event_rows": served_rows,
+            "parse_errors": int(errors),
+            "rows_by_event_type": MetadataValue.json(dict(by_type)),
+            "time_span": f"{span[0]} .. {span[1]}",
+            "preview": table_markdown(preview),
+        }
+    )
+    return TableQuery(sql=None)  # written in place by the reader
+
+
+@asset_check(asset=raw_events, description="event_id identifies a row: unique and never null.")
+def raw_events_ids_unique(context: AssetCheckExecutionContext, warehouse: WarehouseResource) -> AssetCheckResult:
+    with warehouse.connect() as con:
+        total, distinct, nulls = con.execute(
+            "SELECT count(*), count(DISTINCT event_id), count(*) - count(event_id) FROM raw_events"
+        ).fetchall()[0]
+    return AssetCheckResult(
+        passed=total == distinct and nulls == 0 and total > 0,
+        metadata={"rows": total, "distinct_event_ids": distinct, "null_event_ids": nulls},
+    )
+
+
+assets = [raw_events]
+asset_checks = [raw_events_ids_unique]

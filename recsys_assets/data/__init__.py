@@ -1,0 +1,1 @@
+"""Plain data library (no Dagster): event sources, cleaning, vocabulary and tokenized sequences."""

@@ -1,0 +1,232 @@
+"""Raw events -> cleaned interactions + quarantined events, inside DuckDB (out of core).
+
+Every raw row ends in exactly one of the two output tables; a quarantined row keeps all its raw
+columns plus a `reason` (see `REASONS`) and a human-readable `detail`.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime, timezone
+
+import duckdb
+from pydantic import BaseModel, Field, field_validator
+
+from recsys_assets.data.schema import CANONICAL_COLUMNS, EVENT_TYPES, RAW_EVENTS_COLUMNS
+
+# In the order they are checked: a row gets the first reason that applies.
+REASONS: tuple[str, ...] = (
+    "malformed",
+    "null_id",
+    "unknown_event_type",
+    "null_timestamp",
+    "future_timestamp",
+    "excluded_event_type",
+    "duplicate",
+    "repeated_view",
+    "bot",
+    "below_k_core",
+)
+
+
+class CleaningConfig(BaseModel):
+    """What counts as a usable interaction."""
+
+    event_types: list[str] = Field(
+        default_factory=lambda: list(EVENT_TYPES),
+        description="Event types that become tokens; the type itself stays a feature.",
+    )
+    dedupe_repeated_views: bool = Field(
+        True, description="Drop a view of the item the user viewed just before (page reloads)."
+    )
+    repeated_view_window_s: int = Field(1800, ge=0, description="Max gap of a repeated view, seconds.")
+    bot_max_events_per_user: int = Field(20_000, ge=1, description="More events than this: a bot.")
+    bot_max_events_per_minute: int = Field(
+        100, ge=1, description="More events than this in one calendar minute: a bot."
+    )
+    min_user_interactions: int = Field(5, ge=1, description="k-core: interactions per user.")
+    min_item_interactions: int = Field(5, ge=1, description="k-core: interactions per item.")
+    max_k_core_rounds: int = Field(50, ge=1)
+    now: datetime | None = Field(None, description="Timestamps after this are 'future' (default: now).")
+
+    @field_validator("event_types")
+    @classmethod
+    def _known_types(cls, value: list[str]) -> list[str]:
+        unknown = sorted(set(value) - set(EVENT_TYPES))
+        if unknown or not value:
+            raise ValueError(f"event_types must be a non-empty subset of {EVENT_TYPES}, got {value}")
+        return value
+
+
+class CleaningSummary(BaseModel):
+    raw: int
+    cleaned: int
+    quarantined: int
+    by_reason: dict[str, int]
+    users: int
+    items: int
+    k_core_rounds: int
+    seconds: float
+
+    @property
+    def reconciles(self) -> bool:
+        return self.raw == self.cleaned + self.quarantined
+
+
+def _sql_list(values: list[str]) -> str:
+    return ", ".join("'" + v.replace("'", "''") + "'" for v in values)
+
+
+def clean_events(
+    con: duckdb.DuckDBPyConnection,
+    config: CleaningConfig | None = None,
+    raw_table: str = "raw_events",
+    cleaned_table: str = "cleaned_interactions",
+    quarantine_table: str = "quarantined_events",
+) -> CleaningSummary:
+    """Write `cleaned_table` and `quarantine_table` from `raw_table`; return the counts."""
+    config = config or CleaningConfig()
+    started = time.perf_counter()
+    now = config.now or datetime.now(timezone.utc)
+    if now.tzinfo is not None:  # the warehouse stores naive UTC
+        now = now.astimezone(timezone.utc).replace(tzinfo=None)
+    missing = set(RAW_EVENTS_COLUMNS) - {r[0] for r in con.execute(f'DESCRIBE "{raw_table}"').fetchall()}
+    if missing:
+        raise ValueError(f"table {raw_table!r} lacks columns {sorted(missing)}; see docs/DATA_CONTRACTS.md")
+
+    known = _sql_list(list(EVENT_TYPES))
+    kept_types = _sql_list(config.event_types)
+    # 1. Row-level checks, in REASONS order.
+    con.execute(
+        f"""
+        CREATE OR REPLACE TEMP TABLE _checked AS
+        SELECT event_id, user_id, item_id, event_type, ts,
+          CASE
+            WHEN parse_error IS NOT NULL THEN 'malformed'
+            WHEN user_id IS NULL OR trim(user_id) = '' OR item_id IS NULL OR trim(item_id) = '' THEN 'null_id'
+            WHEN event_type IS NULL OR event_type NOT IN ({known}) THEN 'unknown_event_type'
+            WHEN ts IS NULL THEN 'null_timestamp'
+            WHEN ts > ?::TIMESTAMP THEN 'future_timestamp'
+            WHEN event_type NOT IN ({kept_types}) THEN 'excluded_event_type'
+          END AS reason,
+          CASE
+            WHEN parse_error IS NOT NULL THEN parse_error
+            WHEN user_id IS NULL OR trim(user_id) = '' THEN 'user_id is null or empty'
+            WHEN item_id IS NULL OR trim(item_id) = '' THEN 'item_id is null or empty'
+            WHEN event_type IS NULL OR event_type NOT IN ({known})
+              THEN 'event_type ' || coalesce('''' || event_type || '''', 'NULL') || ' is not one of {known.replace("'", "")}'
+            WHEN ts IS NULL THEN 'ts is null'
+            WHEN ts > ?::TIMESTAMP THEN 'ts ' || ts::VARCHAR || ' is after ' || ?::VARCHAR
+            WHEN event_type NOT IN ({kept_types}) THEN 'event_type ' || event_type || ' is not configured as a token'
+          END AS detail
+        FROM "{raw_table}"
+        """,
+        [now, now, now.isoformat(sep=" ")],
+    )
+    # 2. Duplicates and repeated views: one sort per user puts exact duplicates next to each other
+    #    (same ts, item, type) and a reload right after the view it repeats.
+    con.execute(
+        f"""
+        CREATE OR REPLACE TEMP TABLE _sequenced AS
+        SELECT event_id, user_id, item_id, ts,
+          CASE
+            WHEN prev_item = item_id AND prev_type = event_type AND prev_ts = ts THEN 'duplicate'
+            WHEN {str(config.dedupe_repeated_views).lower()} AND event_type = 'view' AND prev_type = 'view'
+                 AND prev_item = item_id AND epoch(ts) - epoch(prev_ts) <= {config.repeated_view_window_s}
+              THEN 'repeated_view'
+          END AS reason
+        FROM (
+          SELECT event_id, user_id, item_id, event_type, ts,
+            lag(item_id) OVER w AS prev_item, lag(event_type) OVER w AS prev_type, lag(ts) OVER w AS prev_ts
+          FROM _checked WHERE reason IS NULL
+          WINDOW w AS (PARTITION BY user_id ORDER BY ts, item_id, event_type, event_id)
+        )
+        """
+    )
+    # 3. Bots: total volume or burst rate of the user's well-formed events (reloads count: bots reload).
+    con.execute(
+        f"""
+        CREATE OR REPLACE TEMP TABLE _bots AS
+        SELECT user_id, max(n) AS burst, sum(n) AS total
+        FROM (SELECT user_id, count(*) AS n FROM _checked WHERE reason IS NULL
+              GROUP BY user_id, date_trunc('minute', ts))
+        GROUP BY user_id
+        HAVING sum(n) > {config.bot_max_events_per_user} OR max(n) > {config.bot_max_events_per_minute}
+        """
+    )
+    # 4. Iterative k-core over the survivors: dropping items can push users below k and back.
+    con.execute(
+        """
+        CREATE OR REPLACE TEMP TABLE _core AS
+        SELECT s.event_id, s.user_id, s.item_id FROM _sequenced s
+        ANTI JOIN _bots b USING (user_id) WHERE s.reason IS NULL
+        """
+    )
+    rounds = 0
+    for rounds in range(1, config.max_k_core_rounds + 1):
+        before = con.execute("SELECT count(*) FROM _core").fetchall()[0][0]
+        con.execute(
+            f"""
+            CREATE OR REPLACE TEMP TABLE _core AS
+            WITH users AS (SELECT user_id FROM _core GROUP BY user_id HAVING count(*) >= {config.min_user_interactions}),
+                 items AS (SELECT item_id FROM _core GROUP BY item_id HAVING count(*) >= {config.min_item_interactions})
+            SELECT c.* FROM _core c SEMI JOIN users USING (user_id) SEMI JOIN items USING (item_id)
+            """
+        )
+        if con.execute("SELECT count(*) FROM _core").fetchall()[0][0] == before:
+            break
+
+    raw_cols = ", ".join(f'r."{c}"' for c in RAW_EVENTS_COLUMNS)
+    con.execute(
+        f"""
+        CREATE OR REPLACE TABLE "{quarantine_table}" AS
+        WITH verdict AS (
+          SELECT event_id, reason, detail FROM _checked WHERE reason IS NOT NULL
+          UNION ALL
+          SELECT event_id, reason,
+            CASE reason WHEN 'duplicate' THEN 'same user, item, type and ts as an earlier event'
+                        ELSE 'view of the item viewed just before, within {config.repeated_view_window_s}s' END
+          FROM _sequenced WHERE reason IS NOT NULL
+          UNION ALL
+          SELECT s.event_id, 'bot', 'user has ' || b.total || ' events, up to ' || b.burst || ' in one minute'
+          FROM _sequenced s JOIN _bots b USING (user_id) WHERE s.reason IS NULL
+          UNION ALL
+          SELECT s.event_id, 'below_k_core',
+            'user or item below {config.min_user_interactions}/{config.min_item_interactions} interactions'
+          FROM _sequenced s ANTI JOIN _bots b USING (user_id) ANTI JOIN _core c USING (event_id)
+          WHERE s.reason IS NULL
+        )
+        SELECT {raw_cols}, v.reason, v.detail
+        FROM "{raw_table}" r JOIN verdict v USING (event_id)
+        ORDER BY r.event_id
+        """
+    )
+    canonical = ", ".join(f'r."{c}"' for c in CANONICAL_COLUMNS)
+    con.execute(
+        f"""
+        CREATE OR REPLACE TABLE "{cleaned_table}" AS
+        SELECT r.event_id, {canonical}
+        FROM "{raw_table}" r SEMI JOIN _core c USING (event_id)
+        ORDER BY r.user_id, r.ts, r.event_id
+        """
+    )
+    for temp in ("_checked", "_sequenced", "_bots", "_core"):
+        con.execute(f"DROP TABLE IF EXISTS {temp}")
+
+    raw = con.execute(f'SELECT count(*) FROM "{raw_table}"').fetchall()[0][0]
+    cleaned, users, items = con.execute(
+        f'SELECT count(*), count(DISTINCT user_id), count(DISTINCT item_id) FROM "{cleaned_table}"'
+    ).fetchall()[0]
+    by_reason = dict(
+        con.execute(f'SELECT reason, count(*) FROM "{quarantine_table}" GROUP BY reason').fetchall()
+    )
+    return CleaningSummary(
+        raw=raw,
+        cleaned=cleaned,
+        quarantined=sum(by_reason.values()),
+        by_reason={r: int(by_reason.get(r, 0)) for r in REASONS},
+        users=users,
+        items=items,
+        k_core_rounds=rounds,
+        seconds=round(time.perf_counter() - started, 3),
+    )

@@ -1,0 +1,145 @@
+"""Cleaned interactions -> item vocabulary, context vocabulary and tokenized per-user sequences.
+
+All three are SQL inside DuckDB, so they run out of core on 100M+ interactions.
+Layout of the tables: docs/DATA_CONTRACTS.md; token constants: `schema.py`.
+"""
+
+from __future__ import annotations
+
+import time
+
+import duckdb
+from pydantic import BaseModel
+
+from recsys_assets.data.schema import (
+    EVENT_TYPE_TOKENS,
+    FIRST_ITEM_TOKEN,
+    MASK_TOKEN,
+    PAD_TOKEN,
+    SPECIAL_TOKENS,
+    TIME_OF_DAY_BUCKETS,
+)
+
+CONTEXT_KINDS: tuple[str, ...] = ("device", "segment")
+
+
+class SequenceSummary(BaseModel):
+    users: int
+    items: int
+    interactions: int
+    users_with_test_item: int
+    length_quantiles: dict[str, float]
+    seconds: float
+
+
+def build_item_vocabulary(
+    con: duckdb.DuckDBPyConnection,
+    cleaned_table: str = "cleaned_interactions",
+    vocab_table: str = "item_vocabulary",
+) -> int:
+    """Item id <-> token, most popular item first; returns the number of items (special tokens apart)."""
+    specials = " UNION ALL ".join(
+        f"SELECT {tok}::INTEGER AS token, '{name}' AS item_id, NULL::VARCHAR AS category, "
+        "0::BIGINT AS count, true AS is_special"
+        for tok, name in sorted(SPECIAL_TOKENS.items())
+    )
+    con.execute(
+        f"""
+        CREATE OR REPLACE TABLE "{vocab_table}" AS
+        {specials}
+        UNION ALL
+        SELECT ({FIRST_ITEM_TOKEN - 1} + row_number() OVER (ORDER BY count DESC, item_id))::INTEGER,
+               item_id, category, count, false
+        FROM (SELECT item_id, count(*) AS count, mode(category) AS category
+              FROM "{cleaned_table}" GROUP BY item_id)
+        ORDER BY 1
+        """
+    )
+    return con.execute(f'SELECT count(*) FROM "{vocab_table}" WHERE NOT is_special').fetchall()[0][0]
+
+
+def build_context_vocabulary(
+    con: duckdb.DuckDBPyConnection,
+    cleaned_table: str = "cleaned_interactions",
+    context_table: str = "context_vocabulary",
+) -> dict[str, int]:
+    """Device and segment values -> tokens from 1 (0 = unknown), most frequent first."""
+    parts = [
+        f"""SELECT '{kind}' AS kind, value,
+                   row_number() OVER (ORDER BY n DESC, value)::SMALLINT AS token
+            FROM (SELECT {kind} AS value, count(*) AS n FROM "{cleaned_table}"
+                  WHERE {kind} IS NOT NULL AND trim({kind}) <> '' GROUP BY {kind})"""
+        for kind in CONTEXT_KINDS
+    ]
+    con.execute(f'CREATE OR REPLACE TABLE "{context_table}" AS ' + " UNION ALL ".join(parts))
+    return dict(con.execute(f'SELECT kind, count(*) FROM "{context_table}" GROUP BY kind').fetchall())
+
+
+def tokenize_sequences(
+    con: duckdb.DuckDBPyConnection,
+    cleaned_table: str = "cleaned_interactions",
+    vocab_table: str = "item_vocabulary",
+    context_table: str = "context_vocabulary",
+    sequences_table: str = "tokenized_sequences",
+) -> SequenceSummary:
+    """One row per user: chronological tokens, per-position context and the leave-one-out split.
+
+    The full history is kept (models truncate their input to `max_len`) because evaluation must
+    remove every item the user has seen, not only the latest `max_len`.
+    """
+    started = time.perf_counter()
+    event_case = " ".join(f"WHEN '{name}' THEN {tok}" for name, tok in EVENT_TYPE_TOKENS.items())
+    hours_per_bucket = 24 // TIME_OF_DAY_BUCKETS
+    order = "ORDER BY c.ts, c.event_id"
+    con.execute(
+        f"""
+        CREATE OR REPLACE TABLE "{sequences_table}" AS
+        WITH seq AS (
+          SELECT c.user_id,
+            list(v.token {order}) AS tokens,
+            list((CASE c.event_type {event_case} ELSE 0 END)::TINYINT {order}) AS event_types,
+            list((hour(c.ts) // {hours_per_bucket} + 1)::TINYINT {order}) AS tod,
+            list(coalesce(d.token, 0)::SMALLINT {order}) AS devices,
+            list(coalesce(s.token, 0)::SMALLINT {order}) AS segments,
+            list(epoch(c.ts)::BIGINT {order}) AS ts
+          FROM "{cleaned_table}" c
+          JOIN "{vocab_table}" v ON v.item_id = c.item_id AND NOT v.is_special
+          LEFT JOIN "{context_table}" d ON d.kind = 'device' AND d.value = c.device
+          LEFT JOIN "{context_table}" s ON s.kind = 'segment' AND s.value = c.segment
+          GROUP BY c.user_id
+        )
+        SELECT user_id, tokens, event_types, tod, devices, segments, ts,
+          len(tokens)::INTEGER AS n_items,
+          CASE WHEN len(tokens) >= 3 THEN list_slice(tokens, 1, len(tokens) - 2) ELSE tokens END AS train_tokens,
+          CASE WHEN len(tokens) >= 3 THEN tokens[-2] END AS valid_item,
+          CASE WHEN len(tokens) >= 3 THEN tokens[-1] END AS test_item
+        FROM seq
+        ORDER BY user_id
+        """
+    )
+    users, interactions, with_test = con.execute(
+        f'SELECT count(*), coalesce(sum(n_items), 0), count(test_item) FROM "{sequences_table}"'
+    ).fetchall()[0]
+    items = con.execute(f'SELECT count(*) FROM "{vocab_table}" WHERE NOT is_special').fetchall()[0][0]
+    q = con.execute(
+        f"""SELECT quantile_cont(n_items, 0.5), quantile_cont(n_items, 0.9), quantile_cont(n_items, 0.99),
+                   max(n_items) FROM "{sequences_table}" """
+    ).fetchall()[0]
+    return SequenceSummary(
+        users=users,
+        items=items,
+        interactions=int(interactions),
+        users_with_test_item=with_test,
+        length_quantiles={"p50": q[0] or 0, "p90": q[1] or 0, "p99": q[2] or 0, "max": q[3] or 0},
+        seconds=round(time.perf_counter() - started, 3),
+    )
+
+
+__all__ = [
+    "MASK_TOKEN",
+    "PAD_TOKEN",
+    "SequenceSummary",
+    "build_context_vocabulary",
+    "build_item_vocabulary",
+    "tokenize_sequences",
+]

@@ -1,0 +1,30 @@
+"""The code location: every asset, check, resource, job, sensor and schedule, composed in one place."""
+
+from __future__ import annotations
+
+from dagster import AssetSelection, Definitions, define_asset_job, in_process_executor
+
+from recsys_assets.assets import cleaning, ingest, sequences
+from recsys_assets.io_manager import DuckDBTableIOManager, JsonArtifactIOManager
+from recsys_assets.resources import WarehouseResource
+
+STAGES = [ingest, cleaning, sequences]
+
+retrain_job = define_asset_job(
+    "retrain_job",
+    selection=AssetSelection.all(),
+    description="Raw events to a served model: ingest, clean, tokenize, train, evaluate, export, promote.",
+)
+
+defs = Definitions(
+    assets=[a for stage in STAGES for a in stage.assets],
+    asset_checks=[c for stage in STAGES for c in stage.asset_checks],
+    jobs=[retrain_job],
+    resources={
+        "warehouse": WarehouseResource(),
+        "warehouse_io_manager": DuckDBTableIOManager(),
+        "artifact_io_manager": JsonArtifactIOManager(),
+    },
+    # One process: DuckDB allows a single writer, and the stages are heavy enough to use all cores.
+    executor=in_process_executor,
+)
