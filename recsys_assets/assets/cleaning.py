@@ -1,6 +1,5 @@
 """Stage 2: raw events -> cleaned interactions + quarantined events (nothing silently dropped)."""
 
-from __future__ import annotations
 
 from dagster import (
     AssetCheckExecutionContext,

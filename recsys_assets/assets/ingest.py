@@ -1,6 +1,5 @@
 """Stage 1: raw events from the configured source (the synthetic generator by default)."""
 
-from __future__ import annotations
 
 import hashlib
 import os

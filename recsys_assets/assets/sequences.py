@@ -1,6 +1,5 @@
 """Stage 3: cleaned interactions -> item vocabulary, context vocabulary, tokenized sequences."""
 
-from __future__ import annotations
 
 import matplotlib
 

@@ -1,0 +1,351 @@
+"""Stage 5: baselines and the evaluation report (thin wrappers over recsys_assets.evaluation)."""
+
+import base64
+import json
+import time
+from functools import partial
+from pathlib import Path
+from typing import Any, Optional, cast
+
+import numpy as np
+import polars as pl
+from dagster import (
+    AssetCheckExecutionContext,
+    AssetCheckResult,
+    AssetCheckSeverity,
+    AssetExecutionContext,
+    Config,
+    MetadataValue,
+    asset,
+    asset_check,
+)
+from pydantic import Field, field_validator
+
+from recsys_assets.data.schema import FIRST_ITEM_TOKEN
+from recsys_assets.evaluation.baselines import BASELINES, fit_baselines
+from recsys_assets.evaluation.metrics import DEFAULT_KS
+from recsys_assets.evaluation.protocol import (
+    FIT_DESCRIPTIONS,
+    EvalSet,
+    FitData,
+    Split,
+    EvaluationResult,
+    as_scorer,
+    bert4rec_scorer,
+    eval_set_fingerprint,
+    evaluate_many,
+    feasible_protocols,
+    fit_sequences,
+    make_eval_set,
+    parse_protocol,
+)
+from recsys_assets.evaluation.report import (
+    BASELINE_NAMES,
+    MODEL_NAME,
+    gate_passes,
+    headline_markdown,
+    write_report,
+)
+from recsys_assets.io_manager import TableRef
+
+
+
+class _EvalKnobs(Config):
+    protocols: list[str] = Field(["full", "sampled_pop100"], description="'full' and/or 'sampled_pop<n>'")
+    ks: list[int] = Field(list(DEFAULT_KS), description="cut-offs of HR@k and NDCG@k")
+    seed: int = Field(0, description="negative sampling and bootstrap seed")
+    n_bootstrap: int = Field(1000, ge=10, description="bootstrap resamples for 95% CIs")
+    batch_size: int = Field(1024, ge=1, description="users scored at once")
+
+
+class BaselinesConfig(_EvalKnobs):
+    pass
+
+
+class EvaluationConfig(_EvalKnobs):
+    split: str = Field("test", description="'valid' or 'test'")
+    fit: Optional[str] = Field(
+        None, description="'train' or 'train+valid'; default (and required): the fit the model was trained on"
+    )
+    dataset_name: str = Field("", description="shown in the report; default: the warehouse file name")
+    device: str = Field("auto", description="'auto', 'cpu' or 'cuda'")
+    model_batch_size: int = Field(512, ge=1, description="users per BERT4Rec forward pass")
+    gate_tolerance: float = Field(0.02, ge=0.0, lt=1.0, description="allowed relative NDCG@10 drop vs champion")
+    champion_metrics_path: str = Field(
+        "", description="metrics.json of the current champion (empty: gate against baselines only)"
+    )
+
+    # Dagster config has no Literal type: plain str fields, checked here with a clear message.
+    @field_validator("split")
+    @classmethod
+    def _split(cls, v: str) -> str:
+        return _one_of("split", v, ("valid", "test"))
+
+    @field_validator("fit")
+    @classmethod
+    def _fit(cls, v: Optional[str]) -> Optional[str]:
+        return None if v is None else _one_of("fit", v, tuple(FIT_DESCRIPTIONS))
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        return _one_of("device", v, ("auto", "cpu", "cuda"))
+
+
+def _one_of(name: str, value: str, allowed: tuple[str, ...]) -> str:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+    return value
+
+
+def load_vocabulary(item_vocabulary: TableRef) -> tuple[np.ndarray, np.ndarray, int]:
+    """(item_counts[token], category[token] (None where unknown), vocab size) from item_vocabulary."""
+    vocab = item_vocabulary.to_polars(["token", "count", "category"])
+    if vocab.height == 0:
+        raise ValueError(f"{item_vocabulary.table} is empty")
+    tokens = vocab["token"].to_numpy().astype(np.int64)
+    size = int(tokens.max()) + 1
+    counts = np.zeros(size, dtype=np.float64)
+    counts[tokens] = vocab["count"].fill_null(0).to_numpy()
+    categories = np.full(size, None, dtype=object)
+    categories[tokens] = vocab["category"].to_list()
+    return counts, categories, size
+
+
+def _load_rows(tokenized_sequences: TableRef) -> pl.DataFrame:
+    rows = tokenized_sequences.to_polars()
+    if rows.height == 0:
+        raise ValueError(f"{tokenized_sequences.table} is empty: nothing to evaluate")
+    # SQL gives no row order: sort so negatives, bootstrap and fingerprint are reproducible.
+    return rows.sort("user_id")
+
+
+def _png_markdown(path: Path, title: str) -> MetadataValue:
+    data = base64.b64encode(path.read_bytes()).decode()
+    return MetadataValue.md(f"![{title}](data:image/png;base64,{data})")
+
+
+def _protocols(context: AssetExecutionContext, wanted: list[str], eval_set: EvalSet, counts: np.ndarray) -> list[str]:
+    kept, dropped = feasible_protocols(wanted, eval_set, counts)
+    if dropped:
+        context.log.warning(f"protocols {dropped} dropped: the catalogue has too few items outside some histories")
+    if not kept:
+        raise ValueError(f"none of the protocols {wanted} can be run on this data")
+    return kept
+
+
+def _summaries(results: dict[str, EvaluationResult]) -> dict[str, Any]:
+    return {name: r.to_dict() for name, r in results.items()}
+
+
+@asset(
+    group_name="evaluation",
+    io_manager_key="artifact_io_manager",
+    description="Popularity, item-kNN and last-item baselines fitted on train_tokens, scored on validation.",
+)
+def baselines(
+    context: AssetExecutionContext,
+    config: BaselinesConfig,
+    tokenized_sequences: TableRef,
+    item_vocabulary: TableRef,
+) -> dict[str, Any]:
+    for p in config.protocols:
+        parse_protocol(p)
+    started = time.perf_counter()
+    counts, categories, vocab_size = load_vocabulary(item_vocabulary)
+    rows = _load_rows(tokenized_sequences)
+    train = fit_sequences(rows, "train")
+    eval_set = make_eval_set(rows, "valid")
+    models = fit_baselines(train, vocab_size)
+    context.log.info(f"fitted {list(models)} on {len(train):,} sequences; validating on {len(eval_set):,} users")
+    protocols = _protocols(context, config.protocols, eval_set, counts)
+    results = evaluate_many(
+        {name: as_scorer(m) for name, m in models.items()}, eval_set, counts, config.ks, protocols,
+        config.batch_size, config.seed, config.n_bootstrap, categories,
+    )
+    doc = {"models": {n: r.metrics for n, r in results.items()}, "ci": {n: r.to_dict()["ci"] for n, r in results.items()}}
+    context.add_output_metadata(
+        {
+            "users_evaluated": len(eval_set),
+            "fit": FIT_DESCRIPTIONS["train"],
+            "metrics": MetadataValue.md(headline_markdown(doc)),
+            "seconds": round(time.perf_counter() - started, 1),
+        }
+    )
+    return {
+        "split": "valid",
+        "fit": "train",
+        "fit_description": FIT_DESCRIPTIONS["train"],
+        "vocab_size": vocab_size,
+        "n_fit_sequences": len(train),
+        "n_users": len(eval_set),
+        "eval_fingerprint": eval_set_fingerprint(eval_set),
+        "protocols": protocols,
+        # The fitted state is cheap to rebuild (seconds) and depends on the fit option, so the
+        # report refits on the model's own fit data instead of storing matrices here.
+        "metrics": {n: r.metrics for n, r in results.items()},
+        "results": _summaries(results),
+    }
+
+
+def _model_info(bert4rec_model: dict[str, Any]) -> tuple[Path, dict[str, Any], list[dict[str, Any]]]:
+    """(model dir, training info, epoch records) from the bert4rec_model artifact."""
+    raw = bert4rec_model.get("path") or bert4rec_model.get("model_dir")
+    if not raw:
+        raise ValueError(f"bert4rec_model has no 'path' (or 'model_dir'): keys {sorted(bert4rec_model)}")
+    model_dir = Path(raw)
+    extra_path = model_dir / "extra.json"
+    info: dict[str, Any] = json.loads(extra_path.read_text()) if extra_path.exists() else {}
+    info = {**info, **{k: v for k, v in bert4rec_model.items() if k in ("fit", "best_epoch", "best_valid")}}
+    log = bert4rec_model.get("log")
+    log_path = model_dir / "training_log.json"
+    if log is None and log_path.exists():
+        log = json.loads(log_path.read_text())
+    return model_dir, info, list(log or [])
+
+
+@asset(
+    group_name="evaluation",
+    io_manager_key="artifact_io_manager",
+    description="BERT4Rec vs baselines on held-out items, same fit data: metrics.json, HTML report, gate verdict.",
+)
+def evaluation_report(
+    context: AssetExecutionContext,
+    config: EvaluationConfig,
+    tokenized_sequences: TableRef,
+    item_vocabulary: TableRef,
+    bert4rec_model: dict[str, Any],
+    baselines: dict[str, Any],
+) -> dict[str, Any]:
+    import torch
+
+    from recsys_assets.bert4rec import load_model
+
+    for p in config.protocols:
+        parse_protocol(p)
+    started = time.perf_counter()
+    model_dir, info, training_log = _model_info(bert4rec_model)
+    model_fit = info.get("fit")
+    fit = config.fit or model_fit
+    if fit is None:
+        raise ValueError(f"{model_dir}: the model does not record its fit data; set config 'fit'")
+    if model_fit is not None and fit != model_fit:
+        raise ValueError(
+            f"config fit {fit!r} differs from the model's fit {model_fit!r}: baselines and model must learn "
+            "from the same data"
+        )
+    if config.split == "valid" and fit == "train+valid":
+        raise ValueError("split 'valid' with fit 'train+valid' would score items the models learned from")
+
+    counts, categories, vocab_size = load_vocabulary(item_vocabulary)
+    rows = _load_rows(tokenized_sequences)
+    eval_set: EvalSet = make_eval_set(rows, cast(Split, config.split))
+    train = fit_sequences(rows, cast(FitData, fit))
+    models = fit_baselines(train, vocab_size)
+
+    device = "cuda" if config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available()) else "cpu"
+    model, model_config = load_model(model_dir, map_location=device)
+    if model_config.vocab_size != vocab_size:
+        raise ValueError(
+            f"model vocabulary ({model_config.vocab_size}) differs from item_vocabulary ({vocab_size}): "
+            "the model was trained on another vocabulary"
+        )
+    scorers = {MODEL_NAME: bert4rec_scorer(model, model_config.max_len, config.model_batch_size, device)}
+    scorers.update({name: as_scorer(m) for name, m in models.items()})
+    context.log.info(f"evaluating {list(scorers)} on {len(eval_set):,} users ({config.split}, fit {fit}, {device})")
+    protocols = _protocols(context, config.protocols, eval_set, counts)
+    results = evaluate_many(
+        scorers, eval_set, counts, config.ks, protocols, config.batch_size, config.seed,
+        config.n_bootstrap, categories,
+    )
+
+    champion = None
+    if config.champion_metrics_path:
+        champion = json.loads(Path(config.champion_metrics_path).read_text())
+    db = Path(tokenized_sequences.database)
+    dataset = {
+        "name": config.dataset_name or db.stem,
+        "warehouse": str(db),
+        "table": tokenized_sequences.table,
+        "fingerprint": eval_set_fingerprint(eval_set),
+        "n_sequences": rows.height,
+        "n_users_evaluated": len(eval_set),
+        "n_items": int((counts[FIRST_ITEM_TOKEN:] > 0).sum()),
+        "vocab_size": vocab_size,
+        "n_fit_interactions": int(sum(len(s) for s in train)),
+    }
+    report_config = {
+        "split": config.split,
+        "fit": fit,
+        "fit_description": FIT_DESCRIPTIONS[fit],
+        "protocols": protocols,
+        "ks": list(config.ks),
+        "seed": config.seed,
+        "n_bootstrap": config.n_bootstrap,
+        "negatives_popularity": "item_vocabulary counts (all interactions)",
+        "history_removed": True,
+        "ties": "pessimistic",
+        "model_dir": str(model_dir),
+        "model": model_config.model_dump(),
+        "best_epoch": info.get("best_epoch"),
+        "bert4rec_best_valid": info.get("best_valid"),
+        "baselines_valid": baselines.get("metrics"),
+        "gate_tolerance": config.gate_tolerance,
+        "champion_metrics_path": config.champion_metrics_path or None,
+    }
+    run_id = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{context.run.run_id[:8]}"
+    doc, paths = write_report(
+        results,
+        dataset=dataset,
+        config=report_config,
+        training_log=training_log,
+        run_id=run_id,
+        gate=partial(gate_passes, champion_metrics=champion, tolerance=config.gate_tolerance),
+        user_ids=eval_set.user_ids,
+        n_bootstrap=config.n_bootstrap,
+        seed=config.seed,
+    )
+    gate = doc["gate"]
+    (context.log.info if gate["passed"] else context.log.warning)(f"gate {'passed' if gate['passed'] else 'failed'}: {gate['reasons']}")
+    metadata: dict[str, Any] = {
+        "headline": MetadataValue.md(headline_markdown(doc)),
+        "gate_passed": gate["passed"],
+        "gate_reasons": MetadataValue.md("\n".join(f"- {r}" for r in gate["reasons"])),
+        "fit": FIT_DESCRIPTIONS[fit],
+        "users_evaluated": len(eval_set),
+        "report": MetadataValue.path(str(paths.report_html)),
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    for key, path in paths.plots.items():
+        metadata[f"plot_{key}"] = _png_markdown(path, key)
+    context.add_output_metadata(metadata)
+    return {
+        "run_id": run_id,
+        "split": config.split,
+        "fit": fit,
+        "metrics": doc["models"],
+        "lift": doc["lift"],
+        "gate": gate,
+        "dataset": dataset,
+        "report": paths.to_dict(),
+        "metrics_json": str(paths.metrics_json),
+    }
+
+
+@asset_check(
+    asset=evaluation_report,
+    description="BERT4Rec beats every baseline on full NDCG@10 and does not regress vs the champion.",
+)
+def evaluation_gate(context: AssetCheckExecutionContext, evaluation_report: dict[str, Any]) -> AssetCheckResult:
+    gate = evaluation_report.get("gate") or {}
+    return AssetCheckResult(
+        passed=bool(gate.get("passed")),
+        severity=AssetCheckSeverity.WARN,  # a failed gate blocks promotion (model_bundle), not the run
+        metadata={"reasons": MetadataValue.md("\n".join(f"- {r}" for r in gate.get("reasons", [])))},
+    )
+
+
+assets = [baselines, evaluation_report]
+asset_checks = [evaluation_gate]
+
+__all__ = ["BASELINES", "BASELINE_NAMES", "assets", "asset_checks", "gate_passes", "load_vocabulary"]

@@ -1,0 +1,429 @@
+"""Export stage: onnx_model -> tensorrt_engine -> model_bundle (gate + promotion) -> bento.
+
+Thin Dagster wrappers over recsys_assets.export (the library) and recsys_serving.bundle (the format).
+No `from __future__ import annotations` here: Dagster 1.13 reads the `config` annotation off the
+signature and cannot resolve it from a string.
+"""
+
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import numpy as np
+from dagster import (
+    AssetCheckExecutionContext,
+    AssetCheckResult,
+    AssetExecutionContext,
+    Config,
+    MetadataValue,
+    asset,
+    asset_check,
+)
+from pydantic import Field
+
+from recsys_assets.config import REPO_ROOT, bundles_dir, models_dir, recsys_home
+from recsys_assets.io_manager import TableRef
+
+GROUP = "export"
+
+
+# --------------------------------------------------------------------------- onnx_model
+
+
+class OnnxModelConfig(Config):
+    parity_sequences: int = Field(2000, ge=1, description="validation sequences compared with PyTorch")
+    min_parity_sequences: int = Field(1000, ge=1, description="fail when the data has fewer")
+    tolerance: float = Field(1e-4, gt=0, description="max |score difference| allowed in fp32")
+    top_k: int = Field(100, ge=1, le=1000, description="top-K width inside the graph (largest k served)")
+    latency_repeats: int = Field(50, ge=5)
+
+
+def _validation_data(tokenized_sequences: TableRef, vocab_size: int, n: int) -> tuple[Any, list[str]]:
+    """The first `n` evaluable users (>= 3 items) as SequenceData, and the context columns present."""
+    from recsys_assets.bert4rec.data import CONTEXT_FIELDS, SequenceData
+
+    with tokenized_sequences.connect(read_only=True) as con:
+        columns = {r[0] for r in con.execute(f'DESCRIBE "{tokenized_sequences.table}"').fetchall()}
+        ctx = [c for c in CONTEXT_FIELDS if c in columns]
+        select = ", ".join(f'"{c}"' for c in ["user_id", "tokens", *ctx])
+        frame = con.execute(
+            f'SELECT {select} FROM "{tokenized_sequences.table}" WHERE len(tokens) >= 3 ORDER BY user_id LIMIT ?',
+            [n],
+        ).arrow()
+    frame = frame.read_all() if hasattr(frame, "read_all") else frame
+
+    def lists(name: str) -> list[np.ndarray]:
+        return [np.asarray(v if v is not None else [], dtype=np.int64) for v in frame.column(name).to_pylist()]
+
+    data = SequenceData(
+        user_ids=[str(u) for u in frame.column("user_id").to_pylist()],
+        tokens=lists("tokens"),
+        vocab_size=vocab_size,
+        contexts={c: lists(c) for c in ctx},
+    )
+    return data, ctx
+
+
+@asset(
+    group_name=GROUP,
+    io_manager_key="artifact_io_manager",
+    description="BERT4Rec exported to ONNX (dynamic batch/length, context inputs, history masking and top-K in "
+    "the graph), onnx.checker-validated and parity-checked against PyTorch on real validation sequences.",
+)
+def onnx_model(
+    context: AssetExecutionContext,
+    config: OnnxModelConfig,
+    bert4rec_model: dict[str, Any],
+    tokenized_sequences: TableRef,
+) -> dict[str, Any]:
+    import torch
+
+    from recsys_assets.bert4rec.model import load_model
+    from recsys_assets.export.onnx_export import batch1_latency, export_onnx, model_contexts, parity_check, validation_batches
+
+    torch.set_num_threads(2)
+    model_dir = Path(bert4rec_model["path"])
+    model, model_config = load_model(model_dir)
+    data, available = _validation_data(tokenized_sequences, model_config.vocab_size, config.parity_sequences)
+    contexts = model_contexts(model_config, available)
+    out_dir = models_dir() / "onnx" / context.run_id
+    report = export_onnx(model, model_config, out_dir / "model.onnx", contexts=contexts, top_k=config.top_k)
+    context.log.info(f"exported {report.bytes / 1e6:.1f} MB in {report.seconds:.1f}s, inputs {report.inputs}")
+
+    batches = list(validation_batches(data, model_config.max_len, contexts, config.parity_sequences))
+    n = sum(len(b.tokens) for b in batches)
+    if n < config.min_parity_sequences:
+        raise ValueError(
+            f"only {n} validation sequences in {tokenized_sequences.table}; the parity check needs "
+            f">= {config.min_parity_sequences} (config min_parity_sequences)"
+        )
+    parity = parity_check(model, report.path, batches, tolerance=config.tolerance)
+    median_len = int(np.median([min(len(t) - 2, model_config.max_len - 1) for t in data.tokens])) + 1
+    latency = [
+        batch1_latency(model, report.path, contexts, seq_len, repeats=config.latency_repeats)
+        for seq_len in sorted({max(2, median_len), model_config.max_len})
+    ]
+    context.add_output_metadata(
+        {
+            "onnx_path": MetadataValue.path(report.path),
+            "bytes": report.bytes,
+            "inputs": MetadataValue.json(report.inputs),
+            "outputs": MetadataValue.json(report.outputs),
+            "parity_sequences": parity.n_sequences,
+            "parity_max_abs_diff": parity.max_abs_diff,
+            "parity_mean_abs_diff": parity.mean_abs_diff,
+            "parity_top10_identical": f"{parity.top10_identical}/{parity.n_sequences} "
+            f"(+{parity.top10_tie_swaps} tie swaps)",
+            "parity_graph_topk_identical": f"{parity.topk_head_identical}/{parity.n_sequences} "
+            f"(+{parity.topk_head_tie_swaps} tie swaps)",
+            "parity_passed": parity.passed,
+            "latency_batch1": MetadataValue.md(
+                "| seq len | torch eager ms | ORT top-K in graph ms | ORT + numpy top-K ms | speed-up |\n|---|---|---|---|---|\n"
+                + "\n".join(
+                    f"| {r.seq_len} | {r.torch_eager_ms} | {r.ort_topk_in_graph_ms} | "
+                    f"{r.ort_scores_then_numpy_topk_ms} | {r.speedup_vs_torch}x |"
+                    for r in latency
+                )
+            ),
+        }
+    )
+    if not parity.passed:
+        raise RuntimeError(f"ONNX parity check failed: {parity.model_dump()}")
+    return {
+        "path": report.path,
+        "run_id": context.run_id,
+        "model_dir": str(model_dir),
+        "config": model_config.model_dump(),
+        "export": report.model_dump(),
+        "parity": parity.model_dump(),
+        "latency": [r.model_dump() for r in latency],
+    }
+
+
+# --------------------------------------------------------------------------- tensorrt_engine
+
+
+class TensorRTConfig(Config):
+    fp16: bool = True
+    max_exclude: int = Field(512, ge=1, description="longest history masked by the engine (profile max)")
+    parity_sequences: int = Field(2000, ge=1)
+    min_top10_overlap: float = Field(0.9, gt=0, le=1)
+
+
+@asset(
+    group_name=GROUP,
+    io_manager_key="artifact_io_manager",
+    description="TensorRT fp16 engine (online and batch optimization profiles) built with the TensorRT Python "
+    "API from onnx_model, parity-checked against ONNX Runtime. Without CUDA or tensorrt it records why not.",
+)
+def tensorrt_engine(
+    context: AssetExecutionContext,
+    config: TensorRTConfig,
+    onnx_model: dict[str, Any],
+    tokenized_sequences: TableRef,
+) -> dict[str, Any]:
+    from recsys_assets.export.onnx_export import validation_batches
+    from recsys_assets.export.tensorrt_engine import (
+        build_engine,
+        default_profiles,
+        parity_check_tensorrt,
+        tensorrt_available,
+    )
+
+    ok, why = tensorrt_available()
+    if not ok:
+        context.log.warning(f"TensorRT engine NOT built: {why}. Serving uses ONNX Runtime.")
+        context.add_output_metadata({"built": False, "reason": why})
+        return {"built": False, "reason": why, "path": None, "run_id": context.run_id}
+    max_len = int(onnx_model["config"]["max_len"])
+    profiles = default_profiles(max_len, config.max_exclude)
+    plan = Path(onnx_model["path"]).with_name("model.plan")
+    engine = build_engine(onnx_model["path"], plan, profiles, fp16=config.fp16)
+    data, _ = _validation_data(tokenized_sequences, int(onnx_model["config"]["vocab_size"]), config.parity_sequences)
+    contexts = onnx_model["export"]["contexts"]
+    batches = list(validation_batches(data, max_len, contexts, config.parity_sequences, batch_size=profiles[1].batch[2]))
+    parity = parity_check_tensorrt(
+        plan, onnx_model["path"], batches, profile_index=1, max_exclude=config.max_exclude,
+        min_top10_overlap=config.min_top10_overlap,
+    )
+    context.add_output_metadata(
+        {
+            "built": True,
+            "plan_path": MetadataValue.path(str(plan)),
+            "device": engine.device,
+            "tensorrt_version": engine.tensorrt_version,
+            "build_seconds": engine.build_seconds,
+            "parity": MetadataValue.json(parity.model_dump()),
+        }
+    )
+    if not parity.passed:
+        raise RuntimeError(f"TensorRT parity check failed: {parity.model_dump()}")
+    return {
+        "built": True,
+        "reason": None,
+        "path": str(plan),
+        "engine": engine.model_dump(),
+        "parity": parity.model_dump(),
+        "run_id": context.run_id,
+    }
+
+
+# --------------------------------------------------------------------------- model_bundle
+
+
+class ModelBundleConfig(Config):
+    gate_tolerance: float = Field(0.02, ge=0, lt=1, description="allowed relative NDCG@10 drop vs the champion")
+    popularity_window_days: int = Field(30, ge=0, description="popularity over the last N days (0 = all data)")
+    popularity_top_global: int = Field(1000, ge=100)
+    popularity_top_group: int = Field(300, ge=100)
+    popularity_min_group_events: int = Field(100, ge=1)
+    promote: bool = Field(True, description="switch bundles/current when the gate passes")
+
+
+@asset(
+    group_name=GROUP,
+    io_manager_key="artifact_io_manager",
+    description="Versioned write-once bundle ($RECSYS_HOME/bundles/<version>): model.onnx (+ model.plan), "
+    "vocabulary, popularity fallback, manifest with checksums; promoted atomically if the gate passes.",
+)
+def model_bundle(
+    context: AssetExecutionContext,
+    config: ModelBundleConfig,
+    onnx_model: dict[str, Any],
+    tensorrt_engine: dict[str, Any],
+    evaluation_report: dict[str, Any],
+    item_vocabulary: TableRef,
+    context_vocabulary: TableRef,
+    cleaned_interactions: TableRef,
+) -> dict[str, Any]:
+    from recsys_assets.bert4rec.model import BERT4RecConfig
+    from recsys_assets.export.bundle import (
+        current_version,
+        data_window,
+        evaluate_gate,
+        model_spec_for,
+        popularity_document,
+        promote,
+        vocabulary_document,
+        write_bundle,
+    )
+    from recsys_assets.export.onnx_export import ExportReport
+
+    root = bundles_dir()
+    metrics = json.loads(Path(evaluation_report["metrics_json"]).read_text())
+    decision = evaluate_gate(root, metrics, config.gate_tolerance)
+    with duckdb.connect(item_vocabulary.database, read_only=True) as con:
+        vocabulary = vocabulary_document(con, item_vocabulary.table, context_vocabulary.table)
+        popularity = popularity_document(
+            con,
+            cleaned_interactions.table,
+            window_days=config.popularity_window_days or None,
+            top_global=config.popularity_top_global,
+            top_group=config.popularity_top_group,
+            min_group_events=config.popularity_min_group_events,
+        )
+        window = data_window(con, cleaned_interactions.table)
+    model_config = BERT4RecConfig.model_validate(onnx_model["config"])
+    export = ExportReport.model_validate(onnx_model["export"])
+    n_tokens = len(vocabulary["items"]) + 2
+    if n_tokens != model_config.vocab_size:
+        raise ValueError(
+            f"{item_vocabulary.table} has {n_tokens} tokens but the model was trained with "
+            f"{model_config.vocab_size}: the vocabulary changed after training"
+        )
+    plan = Path(tensorrt_engine["path"]) if tensorrt_engine.get("built") else None
+    info = write_bundle(
+        root,
+        Path(onnx_model["path"]),
+        vocabulary,
+        popularity,
+        model_spec_for(model_config, export),
+        plan_path=plan,
+        external_data=Path(onnx_model["path"]).with_name(export.external_data) if export.external_data else None,
+        data_window=window,
+        metrics=metrics,
+        gate=decision.model_dump(),
+        export={
+            "onnx": export.model_dump(),
+            "parity": onnx_model.get("parity"),
+            "latency": onnx_model.get("latency"),
+            "tensorrt": {k: tensorrt_engine.get(k) for k in ("built", "reason", "engine", "parity")},
+            "model_dir": onnx_model.get("model_dir"),
+            "evaluation_run": evaluation_report.get("run_id"),
+        },
+    )
+    promoted = False
+    if decision.passed and config.promote:
+        promote(root, info.version, reasons=decision.reasons)
+        promoted = True
+        context.log.info(f"promoted {info.version}: {decision.reasons}")
+    else:
+        context.log.warning(
+            f"bundle {info.version} written but NOT promoted ({'gate failed' if not decision.passed else 'promote=False'}): "
+            f"{decision.reasons}; current stays {current_version(root)}"
+        )
+    context.add_output_metadata(
+        {
+            "version": info.version,
+            "path": MetadataValue.path(info.path),
+            "bytes": info.bytes,
+            "files": MetadataValue.json({k: v.model_dump() for k, v in info.files.items()}),
+            "gate_passed": decision.passed,
+            "gate_reasons": MetadataValue.md("\n".join(f"- {r}" for r in decision.reasons)),
+            "champion_before": str(decision.champion),
+            "promoted": promoted,
+            "current": str(current_version(root)),
+            "tensorrt_plan": "included" if plan else f"not built: {tensorrt_engine.get('reason')}",
+            "popularity_lists": f"global {len(popularity['global'])}, segments {len(popularity['by_segment'])}, "
+            f"devices {len(popularity['by_device'])}",
+        }
+    )
+    return {
+        "version": info.version,
+        "path": info.path,
+        "promoted": promoted,
+        "current": current_version(root),
+        "gate": decision.model_dump(),
+        "run_id": context.run_id,
+    }
+
+
+@asset_check(asset=model_bundle, description="The serving reader accepts the bundle: format, checksums, a warm-up inference.")
+def bundle_loads_in_serving(context: AssetCheckExecutionContext, model_bundle: dict[str, Any]) -> AssetCheckResult:
+    from recsys_serving.bundle import BundleRefused, load_bundle
+    from recsys_serving.model import OnnxRanker
+
+    try:
+        bundle = load_bundle(Path(model_bundle["path"]))
+        ranker = OnnxRanker(bundle, intra_threads=1, use_gpu=False, cache_dir=recsys_home() / "cache" / "tensorrt")
+    except BundleRefused as exc:
+        return AssetCheckResult(passed=False, metadata={"reason": exc.reason})
+    return AssetCheckResult(
+        passed=True, metadata={"version": bundle.version, "providers": MetadataValue.json(ranker.providers)}
+    )
+
+
+# --------------------------------------------------------------------------- bento
+
+
+class BentoConfig(Config):
+    bentoml_home: str = Field("", description="bento store; default $BENTOML_HOME, else $RECSYS_HOME/bentoml")
+    timeout_s: int = Field(900, ge=60)
+
+
+SERVING_SOURCES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("recsys_serving", ("*.py",)),
+    ("feature_repo", ("*.py", "*.yaml")),
+)
+
+
+def stage_build_context(bundle_dir: Path, staging: Path) -> Path:
+    """A clean build context: the serving package, the Feast repo, bentofile.yaml and the bundle as bundle/."""
+    staging.mkdir(parents=True)
+    for folder, patterns in SERVING_SOURCES:
+        (staging / folder).mkdir()
+        for pattern in patterns:
+            for src in sorted((REPO_ROOT / folder).glob(pattern)):
+                shutil.copy2(src, staging / folder / src.name)
+    shutil.copy2(REPO_ROOT / "bentofile.yaml", staging / "bentofile.yaml")
+    shutil.copytree(bundle_dir, staging / "bundle")
+    return staging
+
+
+@asset(
+    group_name=GROUP,
+    io_manager_key="artifact_io_manager",
+    description="`bentoml build` of recsys_serving with the promoted bundle embedded; records the bento tag.",
+)
+def bento(context: AssetExecutionContext, config: BentoConfig, model_bundle: dict[str, Any]) -> dict[str, Any]:
+    from recsys_assets.export.bundle import current_version
+    from recsys_serving.bundle import verify_bundle
+
+    root = bundles_dir()
+    version = current_version(root)
+    if version is None:
+        raise RuntimeError(f"no promoted bundle in {root}: the gate has never passed (see model_bundle)")
+    if version != model_bundle["version"]:
+        context.log.warning(f"this run's bundle {model_bundle['version']} was not promoted; building {version}")
+    bundle_dir = root / version
+    verify_bundle(bundle_dir)
+    home = config.bentoml_home or os.environ.get("BENTOML_HOME") or str(recsys_home() / "bentoml")
+    staging = recsys_home() / "tmp" / f"bento-build-{uuid.uuid4().hex[:8]}"
+    try:
+        stage_build_context(bundle_dir, staging)
+        env = {**os.environ, "BENTOML_HOME": home, "BENTOML_DO_NOT_TRACK": "True"}
+        cmd = [sys.executable, "-m", "bentoml", "build", str(staging), "-f", str(staging / "bentofile.yaml"),
+               "--version", version.lower(), "-o", "tag"]
+        result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=config.timeout_s)
+        if result.returncode != 0:
+            raise RuntimeError(f"bentoml build failed ({result.returncode}): {result.stderr[-2000:]}")
+        tag = result.stdout.strip().splitlines()[-1].strip()
+        if tag.startswith("__tag__:"):
+            tag = tag.split(":", 1)[1]
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    context.log.info(f"built bento {tag} with bundle {version}")
+    serve = f"BENTOML_HOME={home} bentoml serve {tag} --host 127.0.0.1 --port 3000"
+    containerize = f"BENTOML_HOME={home} bentoml containerize {tag}"
+    context.add_output_metadata(
+        {"tag": tag, "bundle_version": version, "bentoml_home": home, "serve": serve, "containerize": containerize}
+    )
+    return {
+        "tag": tag,
+        "bundle_version": version,
+        "bentoml_home": home,
+        "serve": serve,
+        "containerize": containerize,
+        "run_id": context.run_id,
+    }
+
+
+assets = [onnx_model, tensorrt_engine, model_bundle, bento]
+asset_checks = [bundle_loads_in_serving]

@@ -1,0 +1,509 @@
+"""The evaluation report: metrics.json, plots, a self-contained HTML page, and the promotion gate.
+
+Layout under ``$RECSYS_HOME/reports/evaluation/``: ``<run id>/`` holds ``metrics.json``,
+``report.html`` (plots embedded, so the page is one file), the PNG plots and ``ranks.npz``
+(per-user ranks, for paired comparisons later); ``latest/`` is a copy of the newest run, swapped in
+atomically (a symlink replaced with ``os.replace`` pointing at a private copy), so a reader never
+sees half a report.
+
+metrics.json::
+
+    {"run_id", "created_at", "dataset": {...}, "config": {...},
+     "models": {model: {protocol: {metric: value}}},
+     "ci": {model: {protocol: {metric: [low, high]}}},          # 95% percentile bootstrap
+     "slices": {model: {protocol: {kind: {slice: {"n_users", metric: value}}}}},
+     "lift": {baseline: {protocol: {metric: {"model", "baseline", "relative", "ci"}}}},
+     "training": [epoch records], "gate": {...} (when given)}
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+import os
+import re
+import shutil
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: reports are rendered in workers without a display
+import matplotlib.pyplot as plt
+import numpy as np
+
+from recsys_assets.config import reports_dir
+from recsys_assets.evaluation.metrics import bootstrap_means, lift_samples
+from recsys_assets.evaluation.protocol import EvaluationResult
+
+MODEL_NAME = "bert4rec"
+BASELINE_NAMES: tuple[str, ...] = ("popularity", "item_knn", "last_item")
+HEADLINE_METRICS: tuple[str, ...] = ("HR@10", "NDCG@10", "MRR")
+_RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+def _clean(obj: Any) -> Any:
+    """JSON-able copy: numpy scalars to Python, NaN/inf to None (JSON has neither)."""
+    if isinstance(obj, Mapping):
+        return {str(k): _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return _clean(obj.tolist())
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def relative_lift(
+    results: Mapping[str, EvaluationResult],
+    model: str = MODEL_NAME,
+    metrics: Sequence[str] = HEADLINE_METRICS,
+    n_bootstrap: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> dict[str, dict[str, dict[str, dict[str, Any]]]]:
+    """{baseline: {protocol: {metric: {model, baseline, relative, ci}}}}: relative = model / baseline
+    - 1, with a paired bootstrap CI over the same users (one resampling shared by every column)."""
+    if model not in results:
+        raise ValueError(f"no results for model {model!r}; have {sorted(results)}")
+    ours = results[model]
+    others = {n: r for n, r in results.items() if n != model}
+    for name, other in others.items():
+        if other.n_users != ours.n_users:
+            raise ValueError(f"{name!r} was evaluated on {other.n_users} users, {model!r} on {ours.n_users}")
+    out: dict[str, dict[str, dict[str, dict[str, Any]]]] = {name: {} for name in others}
+    alpha = (1 - level) / 2
+    for protocol in ours.ranks:
+        names = [n for n, r in others.items() if protocol in r.ranks]
+        if not names:
+            continue
+        columns = [ours.per_user(protocol)] + [others[n].per_user(protocol) for n in names]
+        values = np.stack([c[m] for c in columns for m in metrics], axis=1)  # [N, (1 + B) * M]
+        means = bootstrap_means(values, n_bootstrap, seed)
+        point = values.mean(axis=0)
+        k = len(metrics)
+        for j, name in enumerate(names, start=1):
+            out[name][protocol] = {}
+            for i, metric in enumerate(metrics):
+                m, b = float(point[i]), float(point[j * k + i])
+                lift = lift_samples(means[:, i], means[:, j * k + i])
+                ci = np.nanquantile(lift, [alpha, 1 - alpha]).tolist() if np.isfinite(lift).any() else [None, None]
+                out[name][protocol][metric] = {
+                    "model": m, "baseline": b, "relative": m / b - 1.0 if b > 0 else None, "ci": ci,
+                }
+    return out
+
+
+def build_metrics_document(
+    results: Mapping[str, EvaluationResult],
+    *,
+    run_id: str,
+    dataset: Mapping[str, Any],
+    config: Mapping[str, Any],
+    training_log: Sequence[Mapping[str, Any]] | None = None,
+    model: str = MODEL_NAME,
+    n_bootstrap: int = 1000,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """The content of metrics.json (see module docstring)."""
+    if not results:
+        raise ValueError("no evaluation results to report")
+    doc: dict[str, Any] = {
+        "run_id": run_id,
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "dataset": dict(dataset),
+        "config": dict(config),
+        "models": {name: r.metrics for name, r in results.items()},
+        "ci": {name: r.to_dict()["ci"] for name, r in results.items()},
+        "slices": {name: r.slices for name, r in results.items()},
+        "n_users": {name: r.n_users for name, r in results.items()},
+        "lift": relative_lift(results, model, n_bootstrap=n_bootstrap, seed=seed) if model in results else {},
+        "training": list(training_log or []),
+    }
+    return _clean(doc)
+
+
+# --------------------------------------------------------------------------- gate
+
+
+def gate_passes(
+    metrics: Mapping[str, Any],
+    champion_metrics: Mapping[str, Any] | None,
+    tolerance: float = 0.0,
+    model: str = MODEL_NAME,
+    protocol: str = "full",
+    metric: str = "NDCG@10",
+    baselines: Sequence[str] | None = None,
+) -> tuple[bool, list[str]]:
+    """Promote only if `model` beats every baseline on `protocol` `metric` and does not regress
+    beyond `tolerance` (relative, e.g. 0.02 = 2%) against the champion.
+
+    `metrics` and `champion_metrics` are metrics.json documents. Returns (passed, reasons), one
+    reason per check, passed or not.
+
+    Against the champion: on the same evaluation data and fit (equal dataset fingerprint and fit)
+    the figures themselves are compared. A retrain on new data cannot be compared figure to
+    figure, so there the model's ratio to its strongest baseline (both fitted and scored on that
+    report's own data) is compared with the champion's ratio: a challenger must keep at least
+    (1 - tolerance) of the champion's margin over the baselines.
+    """
+    if not 0.0 <= tolerance < 1.0:
+        raise ValueError(f"tolerance must be in [0, 1), got {tolerance}")
+    reasons: list[str] = []
+
+    def value(doc: Mapping[str, Any], name: str) -> float | None:
+        v = doc.get("models", {}).get(name, {}).get(protocol, {}).get(metric)
+        return None if v is None else float(v)
+
+    def baseline_names(doc: Mapping[str, Any]) -> list[str]:
+        return list(baselines) if baselines is not None else [n for n in doc.get("models", {}) if n != model]
+
+    ours = value(metrics, model)
+    if ours is None:
+        return False, [f"no {protocol} {metric} for {model!r} in the report"]
+    names = baseline_names(metrics)
+    if not names:
+        return False, ["no baselines in the report: nothing to beat"]
+    passed = True
+    for name in names:
+        theirs = value(metrics, name)
+        if theirs is None:
+            passed = False
+            reasons.append(f"baseline {name!r} has no {protocol} {metric}")
+        elif ours > theirs:
+            reasons.append(f"beats {name}: {protocol} {metric} {ours:.4f} > {theirs:.4f}")
+        else:
+            passed = False
+            reasons.append(f"does not beat {name}: {protocol} {metric} {ours:.4f} <= {theirs:.4f}")
+    if champion_metrics is None:
+        reasons.append("no champion yet: nothing to regress against")
+        return passed, reasons
+    champ = value(champion_metrics, model)
+    if champ is None:
+        return False, reasons + [f"champion report has no {protocol} {metric} for {model!r}"]
+    same_data = (
+        champion_metrics.get("dataset", {}).get("fingerprint") is not None
+        and champion_metrics.get("dataset", {}).get("fingerprint") == metrics.get("dataset", {}).get("fingerprint")
+        and champion_metrics.get("config", {}).get("fit") == metrics.get("config", {}).get("fit")
+    )
+    if same_data:
+        if ours >= champ * (1.0 - tolerance):
+            reasons.append(f"no regression vs champion: {ours:.4f} >= {champ:.4f} x (1 - {tolerance})")
+        else:
+            passed = False
+            reasons.append(f"regresses vs champion: {ours:.4f} < {champ:.4f} x (1 - {tolerance})")
+        return passed, reasons
+
+    def margin(doc: Mapping[str, Any], own: float) -> float | None:
+        best = max((v for n in baseline_names(doc) if (v := value(doc, n)) is not None), default=None)
+        return own / best if best else None
+
+    ours_margin, champ_margin = margin(metrics, ours), margin(champion_metrics, champ)
+    if ours_margin is None or champ_margin is None:
+        passed = False
+        reasons.append("champion was evaluated on other data and one report lacks baselines: not comparable")
+    elif ours_margin >= champ_margin * (1.0 - tolerance):
+        reasons.append(
+            f"other data than the champion's: ratio to the best baseline {ours_margin:.3f} >= champion's "
+            f"{champ_margin:.3f} x (1 - {tolerance})"
+        )
+    else:
+        passed = False
+        reasons.append(
+            f"other data than the champion's: ratio to the best baseline {ours_margin:.3f} < champion's "
+            f"{champ_margin:.3f} x (1 - {tolerance})"
+        )
+    return passed, reasons
+
+
+# --------------------------------------------------------------------------- plots
+
+
+def plot_training_curve(records: Sequence[Mapping[str, Any]], path: Path) -> Path | None:
+    """Train loss and validation metrics per epoch; None when there is nothing to plot."""
+    rows = [r for r in records if "epoch" in r]
+    if not rows:
+        return None
+    epochs = [r["epoch"] for r in rows]
+    fig, ax = plt.subplots(figsize=(7, 3.8))
+    if any("train_loss" in r for r in rows):
+        ax.plot(epochs, [r.get("train_loss", np.nan) for r in rows], color="tab:gray", label="train loss")
+        ax.set_ylabel("train loss")
+    valid_keys = [k for k in ("valid_NDCG@10", "valid_HR@10", "valid_MRR") if any(k in r for r in rows)]
+    if valid_keys:
+        ax2 = ax.twinx()
+        for key in valid_keys:
+            ax2.plot(epochs, [r.get(key, np.nan) for r in rows], marker=".", label=key.replace("valid_", "valid "))
+        ax2.set_ylabel("validation metric")
+        ax2.legend(loc="center right", fontsize=8)
+    ax.set_xlabel("epoch")
+    ax.legend(loc="upper right", fontsize=8)
+    ax.set_title("Training curve")
+    return _save(fig, path)
+
+
+def plot_model_metrics(doc: Mapping[str, Any], path: Path, metrics: Sequence[str] = HEADLINE_METRICS) -> Path:
+    """Grouped bars: metric x model, one panel per protocol, 95% CI error bars."""
+    models = list(doc["models"])
+    protocols = sorted({p for m in models for p in doc["models"][m]}, key=lambda p: (p != "full", p))
+    fig, axes = plt.subplots(1, len(protocols), figsize=(5.5 * len(protocols), 3.8), squeeze=False)
+    width = 0.8 / max(len(models), 1)
+    for ax, protocol in zip(axes[0], protocols):
+        x = np.arange(len(metrics))
+        for i, name in enumerate(models):
+            vals = [doc["models"][name].get(protocol, {}).get(m) for m in metrics]
+            cis = [doc["ci"].get(name, {}).get(protocol, {}).get(m) for m in metrics]
+            heights = [v if v is not None else 0.0 for v in vals]
+            err = np.array(
+                [[max(h - c[0], 0.0), max(c[1] - h, 0.0)] if c and None not in c else [0.0, 0.0] for h, c in zip(heights, cis)]
+            ).T
+            ax.bar(x + (i - (len(models) - 1) / 2) * width, heights, width, yerr=err, capsize=2, label=name)
+        ax.set_xticks(x, list(metrics))
+        ax.set_title(f"{protocol} ranking")
+        ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def plot_slices(doc: Mapping[str, Any], path: Path, protocol: str = "full", metric: str = "NDCG@10") -> Path | None:
+    """`metric` per slice (history length, target popularity, category) for every model."""
+    models = list(doc["slices"])
+    kinds = sorted({k for m in models for k in doc["slices"][m].get(protocol, {})})
+    if not kinds:
+        return None
+    fig, axes = plt.subplots(1, len(kinds), figsize=(5 * len(kinds), 3.8), squeeze=False)
+    width = 0.8 / max(len(models), 1)
+    for ax, kind in zip(axes[0], kinds):
+        names: list[str] = []
+        for m in models:
+            for s in doc["slices"][m].get(protocol, {}).get(kind, {}):
+                if s not in names:
+                    names.append(s)
+        x = np.arange(len(names))
+        for i, m in enumerate(models):
+            sl = doc["slices"][m].get(protocol, {}).get(kind, {})
+            ax.bar(x + (i - (len(models) - 1) / 2) * width, [sl.get(s, {}).get(metric) or 0.0 for s in names], width, label=m)
+        n_users = doc["slices"][models[0]].get(protocol, {}).get(kind, {})
+        ax.set_xticks(x, [f"{s}\n(n={n_users.get(s, {}).get('n_users', 0)})" for s in names], fontsize=8)
+        ax.set_title(f"{metric} by {kind.replace('_', ' ')} ({protocol})")
+        ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def _save(fig: Any, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, format="png", dpi=110)
+    plt.close(fig)
+    return path
+
+
+# --------------------------------------------------------------------------- html
+
+
+def _fmt(v: Any, digits: int = 4) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        return f"{v:.{digits}f}"
+    return html.escape(str(v))
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{_fmt(c)}</td>" for c in r) + "</tr>" for r in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def headline_rows(doc: Mapping[str, Any], metrics: Sequence[str] = HEADLINE_METRICS) -> list[list[Any]]:
+    """[model, protocol, metric values..., (CI as text)] for every model and protocol."""
+    rows = []
+    for name, per_protocol in doc["models"].items():
+        for protocol, values in per_protocol.items():
+            cis = doc["ci"].get(name, {}).get(protocol, {})
+            row: list[Any] = [name, protocol]
+            for m in metrics:
+                ci = cis.get(m)
+                v = values.get(m)
+                row.append(f"{v:.4f} [{ci[0]:.4f}, {ci[1]:.4f}]" if v is not None and ci and None not in ci else v)
+            rows.append(row)
+    return rows
+
+
+def headline_markdown(doc: Mapping[str, Any], metrics: Sequence[str] = HEADLINE_METRICS) -> str:
+    """The headline table as markdown (Dagster metadata)."""
+    lines = ["| model | protocol | " + " | ".join(metrics) + " |", "|---|---|" + "---|" * len(metrics)]
+    for row in headline_rows(doc, metrics):
+        lines.append("| " + " | ".join(_fmt(c) for c in row) + " |")
+    return "\n".join(lines)
+
+
+def render_html(doc: Mapping[str, Any], images: Mapping[str, Path]) -> str:
+    """A single self-contained page: tables plus the plots as inline base64 PNG."""
+    cfg, ds = doc.get("config", {}), doc.get("dataset", {})
+    parts = [
+        "<!doctype html><html><head><meta charset='utf-8'>",
+        f"<title>Evaluation {html.escape(str(doc.get('run_id')))}</title>",
+        "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"
+        "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;"
+        "text-align:right}th{background:#f3f3f3}td:first-child,td:nth-child(2){text-align:left}"
+        "img{max-width:100%}.pass{color:#070}.fail{color:#a00}</style></head><body>",
+        f"<h1>Evaluation report <small>{html.escape(str(doc.get('run_id')))}</small></h1>",
+        f"<p>Created {html.escape(str(doc.get('created_at')))}. Dataset: <b>{html.escape(str(ds.get('name', '?')))}</b>. "
+        f"Split: <b>{html.escape(str(cfg.get('split', '?')))}</b>. Fit data: <b>{html.escape(str(cfg.get('fit', '?')))}</b> "
+        f"({html.escape(str(cfg.get('fit_description', '')))}); models and baselines learn from the same data.</p>",
+        "<p>Leave-one-out; <i>full</i> ranks the target against every item, <i>sampled_pop&lt;n&gt;</i> against n "
+        "popularity-sampled negatives (never the user's own items, the same for every model). Items already in the "
+        "history are removed (the target stays rankable); ties count against the model. Brackets: 95% bootstrap "
+        "interval over users.</p>",
+    ]
+    gate = doc.get("gate")
+    if gate:
+        cls = "pass" if gate.get("passed") else "fail"
+        parts.append(f"<h2>Gate: <span class='{cls}'>{'passed' if gate.get('passed') else 'failed'}</span></h2><ul>")
+        parts += [f"<li>{html.escape(r)}</li>" for r in gate.get("reasons", [])]
+        parts.append("</ul>")
+    parts.append("<h2>Headline metrics</h2>")
+    parts.append(_table(["model", "protocol", *HEADLINE_METRICS], headline_rows(doc)))
+    if doc.get("lift"):
+        parts.append("<h2>Relative lift of bert4rec over each baseline</h2>")
+        rows = [
+            [base, protocol, metric, v["model"], v["baseline"],
+             f"{v['relative']:+.1%}" if v["relative"] is not None else None,
+             f"[{v['ci'][0]:+.1%}, {v['ci'][1]:+.1%}]" if v["ci"] and None not in v["ci"] else None]
+            for base, per_p in doc["lift"].items()
+            for protocol, per_m in per_p.items()
+            for metric, v in per_m.items()
+        ]
+        parts.append(_table(["baseline", "protocol", "metric", "bert4rec", "baseline", "lift", "95% CI"], rows))
+    for key, title in (("metrics", "Metrics per model"), ("slices", "NDCG@10 by slice (full ranking)"),
+                       ("training", "Training curve")):
+        if key in images:
+            data = base64.b64encode(Path(images[key]).read_bytes()).decode()
+            parts.append(f"<h2>{title}</h2><img alt='{key}' src='data:image/png;base64,{data}'>")
+    for name, per_p in doc.get("slices", {}).items():
+        for protocol, per_kind in per_p.items():
+            if protocol != "full":
+                continue
+            rows = [[kind, s, v.get("n_users"), v.get("HR@10"), v.get("NDCG@10"), v.get("MRR")]
+                    for kind, sl in per_kind.items() for s, v in sl.items()]
+            parts.append(f"<h3>Slices: {html.escape(name)} ({protocol})</h3>")
+            parts.append(_table(["slice", "value", "users", "HR@10", "NDCG@10", "MRR"], rows))
+    parts.append("<h2>Configuration</h2><pre>" + html.escape(json.dumps({"dataset": ds, "config": cfg}, indent=2)) + "</pre>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+# --------------------------------------------------------------------------- writing
+
+
+@dataclass(frozen=True)
+class ReportPaths:
+    run_dir: Path
+    metrics_json: Path
+    report_html: Path
+    latest_dir: Path
+    plots: dict[str, Path]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "run_dir": str(self.run_dir),
+            "metrics_json": str(self.metrics_json),
+            "report_html": str(self.report_html),
+            "latest_dir": str(self.latest_dir),
+            "plots": {k: str(v) for k, v in self.plots.items()},
+        }
+
+
+def default_run_id() -> str:
+    return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
+
+
+def write_report(
+    results: Mapping[str, EvaluationResult],
+    *,
+    dataset: Mapping[str, Any],
+    config: Mapping[str, Any],
+    training_log: Sequence[Mapping[str, Any]] | None = None,
+    run_id: str | None = None,
+    root: Path | None = None,
+    gate: Callable[[Mapping[str, Any]], tuple[bool, list[str]]] | None = None,
+    user_ids: np.ndarray | None = None,
+    n_bootstrap: int = 1000,
+    seed: int = 0,
+) -> tuple[dict[str, Any], ReportPaths]:
+    """Write the report of one evaluation run and make it `latest`; returns (metrics doc, paths).
+
+    `gate`, if given, is called with the metrics document (e.g. a partial of `gate_passes`) and
+    its verdict is stored under "gate" and shown at the top of the page."""
+    run_id = run_id or default_run_id()
+    if not _RUN_ID.match(run_id) or run_id == "latest":
+        raise ValueError(f"run_id {run_id!r} must be a plain name ([A-Za-z0-9._-], not 'latest')")
+    root = Path(root) if root is not None else reports_dir() / "evaluation"
+    run_dir = root / run_id
+    if run_dir.exists():
+        raise FileExistsError(f"{run_dir} exists: a report is written once, use a new run id")
+    staging = root / f".{run_id}.{uuid.uuid4().hex[:8]}.tmp"
+    staging.mkdir(parents=True)
+    try:
+        doc = build_metrics_document(
+            results, run_id=run_id, dataset=dataset, config=config, training_log=training_log,
+            n_bootstrap=n_bootstrap, seed=seed,
+        )
+        if gate is not None:
+            passed, reasons = gate(doc)
+            doc["gate"] = {"passed": bool(passed), "reasons": list(reasons)}
+        images: dict[str, Path] = {"metrics": plot_model_metrics(doc, staging / "metrics.png")}
+        slices = plot_slices(doc, staging / "slices.png")
+        if slices is not None:
+            images["slices"] = slices
+        curve = plot_training_curve(doc["training"], staging / "training_curve.png")
+        if curve is not None:
+            images["training"] = curve
+        (staging / "metrics.json").write_text(json.dumps(doc, indent=2, allow_nan=False))
+        (staging / "report.html").write_text(render_html(doc, images))
+        ranks = {f"{m}/{p}": r.ranks[p] for m, r in results.items() for p in r.ranks}
+        if user_ids is not None:
+            ranks["user_ids"] = np.asarray(user_ids).astype(str)
+        np.savez_compressed(staging / "ranks.npz", **ranks)  # type: ignore[arg-type]  # stubs type 1st kwarg
+        staging.rename(run_dir)  # the run directory appears complete or not at all
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    latest = publish_latest(run_dir, root)
+    paths = ReportPaths(
+        run_dir=run_dir,
+        metrics_json=run_dir / "metrics.json",
+        report_html=run_dir / "report.html",
+        latest_dir=latest,
+        plots={k: run_dir / v.name for k, v in images.items()},
+    )
+    return doc, paths
+
+
+def publish_latest(run_dir: Path, root: Path) -> Path:
+    """Make `root/latest` a copy of `run_dir`, switched atomically.
+
+    The copy lives in a private `.latest-<id>` directory and `latest` is a symlink to it replaced
+    with os.replace (atomic on POSIX): readers see the old report or the new one, never a mix.
+    The previous private copy is removed afterwards.
+    """
+    latest = root / "latest"
+    copy = root / f".latest-{run_dir.name}-{uuid.uuid4().hex[:6]}"
+    shutil.copytree(run_dir, copy)
+    previous = latest.resolve() if latest.is_symlink() else None
+    if latest.exists() and not latest.is_symlink():
+        # A plain directory from elsewhere: move it aside first (the only non-atomic case).
+        shutil.rmtree(latest)
+    link = root / f".latest-link-{uuid.uuid4().hex[:6]}"
+    link.symlink_to(copy.name, target_is_directory=True)  # relative: the tree stays movable
+    os.replace(link, latest)
+    if previous is not None and previous != copy.resolve() and previous.parent == root.resolve():
+        shutil.rmtree(previous, ignore_errors=True)
+    return latest
