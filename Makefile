@@ -44,6 +44,9 @@ ui: venv dagster-home
 bench-pipeline: venv
 	$(BIN)/python benchmarks/pipeline_scale.py
 
+bench-features: venv
+	$(BIN)/python benchmarks/feature_store_latency.py
+
 bench-quality: venv
 	$(BIN)/python benchmarks/quality_beauty.py
 

@@ -21,6 +21,8 @@ DATA_ASSETS = {
     "item_vocabulary",
     "context_vocabulary",
     "tokenized_sequences",
+    "user_sequence_features",
+    "feast_online_store",
 }
 
 
@@ -31,7 +33,7 @@ def test_definitions_load_every_stage() -> None:
     assert DATA_ASSETS <= keys
     assert defs.resolve_job_def("retrain_job") is not None
     checks = {c.name for c in defs.resolve_asset_graph().asset_check_keys}
-    assert {"counts_reconcile", "no_null_ids", "time_ordered", "sequences_valid"} <= checks
+    assert {"counts_reconcile", "no_null_ids", "time_ordered", "sequences_valid", "online_matches_offline"} <= checks
 
 
 def _free_port() -> int:

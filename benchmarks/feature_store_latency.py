@@ -1,0 +1,209 @@
+"""Online read latency of the feature store for one user: SQLite vs Redis (p50 / p99), and push latency.
+
+Builds a cleaned_interactions table of `--users` users x `--events-per-user` events in DuckDB, runs the
+real pipeline (build_user_sequence_features -> feast apply -> materialize_latest) into each online
+store, then times FeatureStoreClient.get_user_sequence (what serving calls per /recommend) for random
+users and push_event (per POST /events). Redis: `--redis-connection host:port`, else a private
+redis-server on a free port when the binary is installed, else that store is skipped (said so).
+
+    python benchmarks/feature_store_latency.py --users 5000 --reads 3000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import duckdb
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from recsys_assets.data.user_features import (  # noqa: E402
+    FEATURE_FILE,
+    UserFeaturesConfig,
+    apply_feature_repo,
+    build_user_sequence_features,
+    materialize_latest,
+)
+from recsys_serving.feature_client import FeatureStoreClient, load_feature_store  # noqa: E402
+
+FEATURE_REPO = REPO / "feature_repo"
+
+
+def make_interactions(con: duckdb.DuckDBPyConnection, users: int, events_per_user: int, seed: int) -> int:
+    con.execute(f"SELECT setseed({(seed % 1000) / 1000})")
+    con.execute(
+        f"""CREATE OR REPLACE TABLE cleaned_interactions AS
+            SELECT 'u' || (i // {events_per_user}) AS user_id,
+                   'i' || CAST(floor(pow(random(), 3) * 20000) AS BIGINT) AS item_id,
+                   CASE WHEN random() < 0.85 THEN 'view' WHEN random() < 0.8 THEN 'cart' ELSE 'purchase' END AS event_type,
+                   TIMESTAMP '2024-01-01' + to_seconds(CAST((i % {events_per_user}) * 3600 + (i // {events_per_user}) % 3600 AS BIGINT)) AS ts,
+                   's' || (i // 7) AS session_id, 'c' AS category,
+                   ['web', 'ios', 'android'][1 + CAST(i % 3 AS INTEGER)] AS device,
+                   ['new', 'regular', 'vip'][1 + CAST((i // {events_per_user}) % 3 AS INTEGER)] AS segment,
+                   1.0 AS price, i AS event_id
+            FROM range({users * events_per_user}) r(i)"""
+    )
+    return users * events_per_user
+
+
+def percentiles(samples_ms: list[float]) -> dict[str, float]:
+    qs = statistics.quantiles(samples_ms, n=100, method="inclusive")
+    return {
+        "n": len(samples_ms),
+        "p50_ms": round(qs[49], 3),
+        "p95_ms": round(qs[94], 3),
+        "p99_ms": round(qs[98], 3),
+        "mean_ms": round(statistics.fmean(samples_ms), 3),
+    }
+
+
+def time_calls(fn, args: list, warmup: int) -> list[float]:
+    for a in args[:warmup]:
+        fn(a)
+    samples = []
+    for a in args[warmup:]:
+        t = time.perf_counter()
+        fn(a)
+        samples.append((time.perf_counter() - t) * 1000)
+    return samples
+
+
+def bench_store(kind: str, feature_path: Path, users: int, reads: int, pushes: int, max_len: int, seed: int) -> dict:
+    store = load_feature_store(FEATURE_REPO, kind)
+    apply_feature_repo(store, FEATURE_REPO, max_len=max_len)
+    t = time.perf_counter()
+    stats = materialize_latest(store, feature_path)
+    materialize_s = time.perf_counter() - t
+    client = FeatureStoreClient(FEATURE_REPO, online_store=kind)
+    rng = random.Random(seed)
+    warmup = min(200, reads // 5)
+    ids = [f"u{rng.randrange(users)}" for _ in range(reads + warmup)]
+    assert client.get_user_sequence(ids[0]) is not None
+    read = percentiles(time_calls(client.get_user_sequence, ids, warmup))
+    t0 = datetime(2030, 1, 1, tzinfo=timezone.utc)
+    events = [(f"u{rng.randrange(users)}", i) for i in range(pushes + 20)]
+    push = percentiles(
+        time_calls(lambda e: client.push_event(e[0], f"i{e[1]}", "cart", t0 + timedelta(seconds=e[1])), events, 20)
+    )
+    return {
+        "online_store": kind,
+        "materialized_users": stats.written,
+        "materialize_s": round(materialize_s, 2),
+        "users_per_s": round(stats.written / max(materialize_s, 1e-9)),
+        "get_user_sequence": read,
+        "push_event": push,
+    }
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_redis(workdir: Path) -> tuple[subprocess.Popen, str] | None:
+    binary = shutil.which("redis-server")
+    if binary is None:
+        return None
+    port = free_port()
+    proc = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(workdir)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    import redis
+
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        try:
+            redis.Redis(host="127.0.0.1", port=port).ping()
+            return proc, f"127.0.0.1:{port}"
+        except redis.ConnectionError:
+            time.sleep(0.05)
+    proc.terminate()
+    raise RuntimeError("redis-server did not start")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--users", type=int, default=5000)
+    parser.add_argument("--events-per-user", type=int, default=60)
+    parser.add_argument("--max-len", type=int, default=50)
+    parser.add_argument("--reads", type=int, default=3000)
+    parser.add_argument("--pushes", type=int, default=500)
+    parser.add_argument("--stores", default="sqlite,redis")
+    parser.add_argument("--redis-connection", default="", help="host:port of a running Redis (default: start one)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args(argv)
+
+    with tempfile.TemporaryDirectory(prefix="recsys-bench-") as tmp:
+        home = Path(tmp)
+        os.environ["RECSYS_HOME"] = str(home)
+        with duckdb.connect(str(home / "warehouse.duckdb")) as con:
+            n_events = make_interactions(con, args.users, args.events_per_user, args.seed)
+            t = time.perf_counter()
+            table = build_user_sequence_features(
+                con, "cleaned_interactions", home / "features" / FEATURE_FILE, UserFeaturesConfig(max_len=args.max_len)
+            )
+            build_s = time.perf_counter() - t
+        results: dict = {
+            "users": args.users,
+            "events": n_events,
+            "max_len": args.max_len,
+            "feature_table": {"rows": table.rows, "build_s": round(build_s, 2)},
+            "stores": [],
+            "skipped": {},
+        }
+        redis_proc = None
+        for kind in [s.strip() for s in args.stores.split(",") if s.strip()]:
+            if kind == "redis":
+                connection = args.redis_connection
+                if not connection:
+                    started = start_redis(home)
+                    if started is None:
+                        results["skipped"]["redis"] = "redis-server not found (apt-get install -y redis-server)"
+                        print("redis: skipped, redis-server not found", file=sys.stderr)
+                        continue
+                    redis_proc, connection = started
+                os.environ["RECSYS_REDIS_CONNECTION"] = connection
+            try:
+                results["stores"].append(
+                    bench_store(kind, home / "features" / FEATURE_FILE, args.users, args.reads, args.pushes,
+                                args.max_len, args.seed)
+                )
+            finally:
+                if redis_proc is not None:
+                    redis_proc.terminate()
+                    redis_proc.wait(timeout=10)
+                    redis_proc = None
+
+    print(f"{n_events:,} events, {args.users:,} users, max_len {args.max_len}; feature table {table.rows:,} rows "
+          f"in {build_s:.1f}s")
+    print(f"{'store':8} {'op':18} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'mean ms':>8}   materialize")
+    for r in results["stores"]:
+        for op in ("get_user_sequence", "push_event"):
+            q = r[op]
+            extra = f"{r['materialized_users']:,} users in {r['materialize_s']}s" if op == "get_user_sequence" else ""
+            print(f"{r['online_store']:8} {op:18} {q['p50_ms']:8.3f} {q['p95_ms']:8.3f} {q['p99_ms']:8.3f} "
+                  f"{q['mean_ms']:8.3f}   {extra}")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()
