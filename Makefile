@@ -41,6 +41,13 @@ system-deps:
 ui: venv dagster-home
 	$(BIN)/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000
 
+## Serve the promoted bundle ($$RECSYS_HOME/bundles/current) with BentoML on http://127.0.0.1:3000.
+serve: venv
+	$(BIN)/bentoml serve recsys_serving.service:RecommenderService --host 127.0.0.1 --port $${PORT:-3000}
+
+bench-serve: venv
+	$(BIN)/python benchmarks/serve_latency.py --duration 60 --out $(RECSYS_HOME)/reports/serve_latency.json
+
 bench-pipeline: venv
 	$(BIN)/python benchmarks/pipeline_scale.py
 

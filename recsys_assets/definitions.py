@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from dagster import AssetSelection, Definitions, define_asset_job, in_process_executor
 
-from recsys_assets.assets import cleaning, features, ingest, sequences
+from recsys_assets.assets import cleaning, evaluation, export, features, ingest, sequences, training
 from recsys_assets.io_manager import DuckDBTableIOManager, JsonArtifactIOManager
 from recsys_assets.resources import WarehouseResource
 
-STAGES = [ingest, cleaning, sequences, features]
+STAGES = [ingest, cleaning, sequences, features, training, evaluation, export]
 
 retrain_job = define_asset_job(
     "retrain_job",

@@ -56,8 +56,8 @@ def _validation_data(tokenized_sequences: TableRef, vocab_size: int, n: int) -> 
         frame = con.execute(
             f'SELECT {select} FROM "{tokenized_sequences.table}" WHERE len(tokens) >= 3 ORDER BY user_id LIMIT ?',
             [n],
-        ).arrow()
-    frame = frame.read_all() if hasattr(frame, "read_all") else frame
+        ).to_arrow_table()
+    assert frame is not None
 
     def lists(name: str) -> list[np.ndarray]:
         return [np.asarray(v if v is not None else [], dtype=np.int64) for v in frame.column(name).to_pylist()]

@@ -1,0 +1,352 @@
+"""Writing, promoting and rolling back model bundles under ``$RECSYS_HOME/bundles/``.
+
+Layout::
+
+    bundles/<version>/        write-once (staged, renamed into place, files made read-only)
+    bundles/current           symlink -> <version>, switched atomically (os.replace) on promotion
+    bundles/promotions.jsonl  append-only history of every switch (promotion or rollback)
+
+The file format itself (and the reader that verifies it) lives in ``recsys_serving.bundle``, so the
+writer and the server cannot disagree about it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Mapping
+
+import duckdb
+from pydantic import BaseModel
+
+from recsys_assets.data.schema import FIRST_ITEM_TOKEN
+from recsys_assets.evaluation.report import gate_passes
+from recsys_serving.bundle import (
+    BUNDLE_FORMAT_VERSION,
+    MANIFEST_FILE,
+    MODEL_FILE,
+    PLAN_FILE,
+    POPULARITY_FILE,
+    VOCABULARY_FILE,
+    BundleRefused,
+    FileEntry,
+    Manifest,
+    ModelSpec,
+    Popularity,
+    read_manifest,
+    sha256_file,
+    verify_bundle,
+)
+
+CURRENT = "current"
+PROMOTIONS_LOG = "promotions.jsonl"
+
+
+# --------------------------------------------------------------------------- content
+
+
+def vocabulary_document(con: duckdb.DuckDBPyConnection, vocab_table: str, context_table: str | None) -> dict[str, Any]:
+    """item_vocabulary (+ context_vocabulary) -> vocabulary.json; tokens must be contiguous from 2."""
+    rows = con.execute(
+        f'SELECT token, item_id, category FROM "{vocab_table}" WHERE NOT is_special ORDER BY token'
+    ).fetchall()
+    for expected, (token, _, _) in enumerate(rows, start=FIRST_ITEM_TOKEN):
+        if token != expected:
+            raise ValueError(f"{vocab_table}: item tokens are not contiguous (expected {expected}, got {token})")
+    context: dict[str, dict[str, int]] = {"device": {}, "segment": {}}
+    if context_table is not None:
+        for kind, value, token in con.execute(f'SELECT kind, value, token FROM "{context_table}"').fetchall():
+            context.setdefault(kind, {})[str(value)] = int(token)
+    categories = [c for _, _, c in rows]
+    return {
+        "items": [str(i) for _, i, _ in rows],
+        "categories": categories if any(c is not None for c in categories) else None,
+        "context": context,
+    }
+
+
+def popularity_document(
+    con: duckdb.DuckDBPyConnection,
+    cleaned_table: str,
+    window_days: int | None = 30,
+    top_global: int = 1000,
+    top_group: int = 300,
+    min_group_events: int = 100,
+) -> dict[str, Any]:
+    """Most interacted items over the last `window_days` of the data (all of it when the data has
+    no timestamps or the window is None), globally and per device / segment value with at least
+    `min_group_events` events. Score = share of the window's events."""
+    (max_ts,) = con.execute(f'SELECT max(ts) FROM "{cleaned_table}"').fetchone() or (None,)
+    where = "true"
+    window: dict[str, Any] = {"days": None, "end": None}
+    if window_days is not None and max_ts is not None:
+        where = f"ts > TIMESTAMP '{max_ts}' - INTERVAL {int(window_days)} DAY"
+        window = {"days": window_days, "end": str(max_ts)}
+
+    def ranked(group: str | None, top: int) -> dict[str, list[dict[str, Any]]]:
+        key = f'"{group}"' if group else "'*'"  # a constant key: NULL would not join
+        having = f"AND {key} IS NOT NULL AND trim({key}) <> ''" if group else ""
+        rows = con.execute(
+            f"""
+            WITH w AS (SELECT {key} AS g, item_id FROM "{cleaned_table}" WHERE {where} {having}),
+                 sizes AS (SELECT g, count(*) AS n FROM w GROUP BY g HAVING count(*) >= ?),
+                 counts AS (SELECT w.g, item_id, count(*) AS c FROM w JOIN sizes USING (g) GROUP BY w.g, item_id),
+                 ranked AS (SELECT g, item_id, c, row_number() OVER (PARTITION BY g ORDER BY c DESC, item_id) AS r
+                            FROM counts)
+            SELECT r.g, r.item_id, r.c::DOUBLE / s.n FROM ranked r JOIN sizes s USING (g)
+            WHERE r.r <= ? ORDER BY r.g, r.r
+            """,
+            [min_group_events if group else 1, top],
+        ).fetchall()
+        out: dict[str, list[dict[str, Any]]] = {}
+        for g, item, score in rows:
+            out.setdefault(g, []).append({"item_id": str(item), "score": float(score)})
+        return out
+
+    global_list = ranked(None, top_global).get("*", [])
+    if not global_list:
+        raise ValueError(f"{cleaned_table} has no events in the popularity window {window}")
+    doc = {
+        "global": global_list,
+        "by_segment": {str(k): v for k, v in ranked("segment", top_group).items()},
+        "by_device": {str(k): v for k, v in ranked("device", top_group).items()},
+        "window": window,
+    }
+    Popularity.model_validate(doc)  # the reader's schema is the contract
+    return doc
+
+
+def data_window(con: duckdb.DuckDBPyConnection, cleaned_table: str) -> dict[str, Any]:
+    row = con.execute(
+        f'SELECT min(ts), max(ts), count(*), count(DISTINCT user_id), count(DISTINCT item_id) FROM "{cleaned_table}"'
+    ).fetchone()
+    assert row is not None  # an aggregate always returns one row
+    start, end, events, users, items = row
+    return {
+        "start": str(start) if start is not None else None,
+        "end": str(end) if end is not None else None,
+        "interactions": int(events),
+        "users": int(users),
+        "items": int(items),
+    }
+
+
+# --------------------------------------------------------------------------- writing
+
+
+class BundleInfo(BaseModel):
+    version: str
+    path: str
+    files: dict[str, FileEntry]
+    bytes: int
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    path.write_text(json.dumps(obj, indent=1, allow_nan=False, default=str))
+
+
+def new_version(model_sha256: str, now: datetime | None = None) -> str:
+    now = now or datetime.now(timezone.utc)
+    return f"{now:%Y%m%dT%H%M%S}Z-{model_sha256[:8]}"
+
+
+def write_bundle(
+    root: Path,
+    onnx_path: Path,
+    vocabulary: Mapping[str, Any],
+    popularity: Mapping[str, Any],
+    model_spec: ModelSpec,
+    *,
+    plan_path: Path | None = None,
+    external_data: Path | None = None,
+    data_window: Mapping[str, Any] | None = None,
+    metrics: Mapping[str, Any] | None = None,
+    gate: Mapping[str, Any] | None = None,
+    export: Mapping[str, Any] | None = None,
+    version: str | None = None,
+) -> BundleInfo:
+    """Stage every file, checksum it, write the manifest, rename the directory into place (atomic),
+    make it read-only and verify it with the serving reader. Never overwrites a bundle."""
+    root.mkdir(parents=True, exist_ok=True)
+    staging = root / f".staging-{uuid.uuid4().hex[:12]}"
+    staging.mkdir()
+    try:
+        shutil.copyfile(onnx_path, staging / MODEL_FILE)
+        if external_data is not None:
+            shutil.copyfile(external_data, staging / external_data.name)
+        if plan_path is not None:
+            shutil.copyfile(plan_path, staging / PLAN_FILE)
+        _write_json(staging / VOCABULARY_FILE, vocabulary)
+        _write_json(staging / POPULARITY_FILE, popularity)
+        files = {
+            p.name: FileEntry(sha256=sha256_file(p), bytes=p.stat().st_size) for p in sorted(staging.iterdir())
+        }
+        version = version or new_version(files[MODEL_FILE].sha256)
+        manifest = Manifest(
+            format_version=BUNDLE_FORMAT_VERSION,
+            version=version,
+            created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            model=model_spec,
+            data_window=dict(data_window or {}),
+            metrics=dict(metrics or {}),
+            gate=dict(gate or {}),
+            export=dict(export or {}),
+            files=files,
+        )
+        _write_json(staging / MANIFEST_FILE, manifest.model_dump(mode="json"))
+        target = root / version
+        if target.exists():
+            raise FileExistsError(f"bundle {target} exists: bundles are written once")
+        for p in staging.iterdir():
+            p.chmod(0o444)
+        staging.rename(target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    verify_bundle(target)
+    return BundleInfo(
+        version=version, path=str(target), files=files, bytes=sum(f.bytes for f in files.values())
+    )
+
+
+# --------------------------------------------------------------------------- promotion
+
+
+class PromotionRecord(BaseModel):
+    at: str
+    action: str  # "promote" | "rollback"
+    version: str
+    previous: str | None
+    reasons: list[str] = []
+
+
+def current_version(root: Path) -> str | None:
+    link = root / CURRENT
+    if not link.is_symlink():
+        return None
+    return Path(os.readlink(link)).name
+
+
+def champion_metrics(root: Path) -> dict[str, Any] | None:
+    """The evaluation report of the bundle `current` points to (None when nothing is promoted)."""
+    version = current_version(root)
+    if version is None:
+        return None
+    try:
+        return read_manifest(root / version).metrics or None
+    except BundleRefused:
+        return None
+
+
+def _switch(root: Path, version: str) -> str | None:
+    """Point `current` at `version` atomically: a new symlink renamed over the old one."""
+    previous = current_version(root)
+    tmp = root / f".current-{uuid.uuid4().hex[:8]}"
+    tmp.symlink_to(version, target_is_directory=True)  # relative: the tree stays movable
+    os.replace(tmp, root / CURRENT)
+    return previous
+
+
+def _log(root: Path, record: PromotionRecord) -> None:
+    with open(root / PROMOTIONS_LOG, "a") as fh:
+        fh.write(record.model_dump_json() + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def promote(root: Path, version: str, reasons: list[str] | None = None, action: str = "promote") -> PromotionRecord:
+    """Verify the bundle (checksums included) and switch `current` to it."""
+    verify_bundle(root / version)
+    previous = _switch(root, version)
+    record = PromotionRecord(
+        at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        action=action,
+        version=version,
+        previous=previous,
+        reasons=list(reasons or []),
+    )
+    _log(root, record)
+    return record
+
+
+def promotion_history(root: Path) -> list[PromotionRecord]:
+    path = root / PROMOTIONS_LOG
+    if not path.exists():
+        return []
+    return [PromotionRecord.model_validate_json(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def rollback(root: Path, version: str | None = None) -> PromotionRecord:
+    """Switch `current` back to `version`, or to the bundle that was current before the latest switch."""
+    if version is None:
+        history = promotion_history(root)
+        if not history or history[-1].previous is None:
+            raise ValueError(f"no earlier bundle to roll back to in {root / PROMOTIONS_LOG}")
+        version = history[-1].previous
+    return promote(root, version, reasons=[f"rollback to {version}"], action="rollback")
+
+
+class GateDecision(BaseModel):
+    passed: bool
+    reasons: list[str]
+    champion: str | None
+    tolerance: float
+
+
+def evaluate_gate(root: Path, metrics: Mapping[str, Any], tolerance: float) -> GateDecision:
+    """The evaluation gate against the current champion (see evaluation.report.gate_passes)."""
+    passed, reasons = gate_passes(metrics, champion_metrics(root), tolerance)
+    return GateDecision(passed=passed, reasons=reasons, champion=current_version(root), tolerance=tolerance)
+
+
+def model_spec_for(config: Any, export_report: Any) -> ModelSpec:
+    """The manifest's model section from a BERT4RecConfig and an onnx_export.ExportReport."""
+    return ModelSpec(
+        architecture="bert4rec",
+        max_len=config.max_len,
+        vocab_size=config.vocab_size,
+        top_k=export_report.top_k,
+        inputs=export_report.inputs,
+        outputs=export_report.outputs,
+        opset=export_report.opset,
+        config={**config.model_dump(), "contexts": export_report.contexts},
+    )
+
+
+def export_bundle(
+    root: Path,
+    model: Any,
+    config: Any,
+    vocabulary: Mapping[str, Any],
+    popularity: Mapping[str, Any],
+    workdir: Path,
+    *,
+    contexts: list[str] | None = None,
+    top_k: int = 100,
+    metrics: Mapping[str, Any] | None = None,
+    data_window: Mapping[str, Any] | None = None,
+    version: str | None = None,
+) -> BundleInfo:
+    """Export `model` to ONNX in `workdir` and write a bundle from it (no parity check: the
+    onnx_model asset does that on real data; this is for built-from-code bundles such as the
+    latency benchmark's 2M-item catalogue and tests)."""
+    from recsys_assets.export.onnx_export import export_onnx
+
+    report = export_onnx(model, config, workdir / MODEL_FILE, contexts=contexts, top_k=top_k)
+    external = workdir / report.external_data if report.external_data else None
+    return write_bundle(
+        root,
+        Path(report.path),
+        vocabulary,
+        popularity,
+        model_spec_for(config, report),
+        external_data=external,
+        data_window=data_window,
+        metrics=metrics,
+        export={"onnx": report.model_dump()},
+        version=version,
+    )

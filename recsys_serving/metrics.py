@@ -1,0 +1,86 @@
+"""Service metrics, exported through BentoML's own /metrics endpoint.
+
+BentoML runs prometheus_client in multiprocess mode and sets PROMETHEUS_MULTIPROC_DIR when a
+worker starts, after the service module is imported; prometheus_client picks its storage when
+first imported, so it is imported here lazily (in `ServiceMetrics.__init__`, called from the
+service constructor). Names carry the `recsys_` prefix so they never clash with BentoML's
+`bentoml_*` series.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from recsys_serving.schemas import FallbackReason
+
+FALLBACK_REASONS = tuple(r.value for r in FallbackReason)
+OUTCOMES = {
+    "recommend": ("model", "fallback", "cache", "rejected", "error"),
+    "events": ("accepted", "accepted_log_only", "rejected", "error"),
+}
+LATENCY_BUCKETS = (0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.07, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+class ServiceMetrics:
+    def __init__(self, registry: Any | None = None) -> None:
+        import prometheus_client as prom  # lazy on purpose, see the module docstring
+
+        kw: dict[str, Any] = {} if registry is None else {"registry": registry}
+        self.latency = prom.Histogram(
+            "recsys_request_latency_seconds",
+            "Server-side latency of API requests (body parsing included)",
+            ["endpoint"],
+            buckets=LATENCY_BUCKETS,
+            **kw,
+        )
+        self.requests = prom.Counter(
+            "recsys_requests_total",
+            "API requests by endpoint and outcome (model, fallback, cache, rejected, accepted, ...)",
+            ["endpoint", "outcome"],
+            **kw,
+        )
+        self.fallbacks = prom.Counter(
+            "recsys_fallbacks_total", "Recommendations answered by the popularity fallback, by reason", ["reason"], **kw
+        )
+        self.cache_hits = prom.Counter("recsys_cache_hits_total", "Answer cache hits", **kw)
+        self.cache_misses = prom.Counter("recsys_cache_misses_total", "Answer cache misses", **kw)
+        self.cache_hit_ratio = prom.Gauge(
+            "recsys_cache_hit_ratio",
+            "Hits / lookups of the answer cache since start (per process; most recent value)",
+            multiprocess_mode="mostrecent",
+            **kw,
+        )
+        self.model_info = prom.Gauge(
+            "recsys_model_info",
+            "1 for the bundle version being served (model_version='none' when none is)",
+            ["model_version", "provider"],
+            multiprocess_mode="max",
+            **kw,
+        )
+        self.degraded = prom.Gauge(
+            "recsys_degraded", "1 when the service runs on its fallback only", multiprocess_mode="max", **kw
+        )
+        self.events_logged = prom.Counter("recsys_events_logged_total", "Events appended to the durable log", **kw)
+        # Series that exist from the start read 0 instead of missing (dashboards, rate()).
+        for reason in FALLBACK_REASONS:
+            self.fallbacks.labels(reason=reason)
+        for endpoint, outcomes in OUTCOMES.items():
+            self.latency.labels(endpoint=endpoint)
+            for outcome in outcomes:
+                self.requests.labels(endpoint=endpoint, outcome=outcome)
+        self._lock = threading.Lock()
+        self._hits = 0
+        self._lookups = 0
+
+    def cache_lookup(self, hit: bool) -> None:
+        (self.cache_hits if hit else self.cache_misses).inc()
+        with self._lock:
+            self._lookups += 1
+            self._hits += int(hit)
+            ratio = self._hits / self._lookups
+        self.cache_hit_ratio.set(ratio)
+
+    def cache_ratio(self) -> float:
+        with self._lock:
+            return self._hits / self._lookups if self._lookups else 0.0

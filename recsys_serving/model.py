@@ -1,0 +1,185 @@
+"""ONNX Runtime inference for a bundle's BERT4Rec graph (TensorRT/CUDA providers where present)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import onnxruntime as ort
+
+from recsys_serving.bundle import (
+    EVENT_TYPE_TOKENS,
+    FIRST_ITEM_TOKEN,
+    MASK_TOKEN,
+    MODEL_CONTEXT_INPUTS,
+    MODEL_REQUIRED_INPUTS,
+    TIME_OF_DAY_BUCKETS,
+    BundleRefused,
+    LoadedBundle,
+    Vocabulary,
+)
+
+logger = logging.getLogger(__name__)
+
+HOURS_PER_TOD_BUCKET = 24 // TIME_OF_DAY_BUCKETS
+
+
+def tod_bucket(hour: int) -> int:
+    """Same bucketing as tokenized_sequences: hour // 4 + 1 (0 = unknown)."""
+    return hour // HOURS_PER_TOD_BUCKET + 1
+
+
+@dataclass(frozen=True)
+class History:
+    """A user's recent events, oldest first; context lists are optional and per position."""
+
+    item_ids: Sequence[str]
+    event_types: Sequence[str] | None = None
+    tod: Sequence[int] | None = None
+    devices: Sequence[str] | None = None
+
+
+@dataclass(frozen=True)
+class RequestContext:
+    """Context of the recommendation request: it fills the [MASK] position (as in training)."""
+
+    tod: int = 0
+    device: str | None = None
+    segment: str | None = None
+
+
+@dataclass
+class Encoded:
+    feeds: dict[str, np.ndarray]
+    seen_tokens: np.ndarray  # every known history token (exclusion)
+    n_known: int
+
+
+def encode(
+    history: History,
+    request: RequestContext,
+    vocabulary: Vocabulary,
+    max_len: int,
+    input_names: Sequence[str],
+) -> Encoded | None:
+    """Latest max_len-1 known items + [MASK], batch of one; None when no item is in the vocabulary."""
+    lookup = vocabulary.item_to_token
+    n = len(history.item_ids)
+    keep = [i for i, item in enumerate(history.item_ids) if item in lookup]
+    if not keep:
+        return None
+    seen = np.unique(np.fromiter((lookup[history.item_ids[i]] for i in keep), dtype=np.int64, count=len(keep)))
+    window = keep[-(max_len - 1) :]
+    width = len(window) + 1
+
+    def per_position(values: Sequence[object] | None, convert: object, last: int) -> np.ndarray:
+        out = np.zeros((1, width), dtype=np.int64)
+        if values is not None and len(values) == n:
+            out[0, :-1] = [convert(values[i]) for i in window]  # type: ignore[operator]
+        out[0, -1] = last
+        return out
+
+    segment_token = vocabulary.segments.get(request.segment or "", 0)
+    feeds: dict[str, np.ndarray] = {
+        "tokens": np.array([[lookup[history.item_ids[i]] for i in window] + [MASK_TOKEN]], dtype=np.int64),
+        "exclude": seen.reshape(1, -1),
+    }
+    if "tod" in input_names:
+        feeds["tod"] = per_position(history.tod, lambda v: int(v) if 0 <= int(v) <= TIME_OF_DAY_BUCKETS else 0, request.tod)
+    if "devices" in input_names:
+        feeds["devices"] = per_position(
+            history.devices, lambda v: vocabulary.devices.get(v or "", 0), vocabulary.devices.get(request.device or "", 0)
+        )
+    if "segments" in input_names:
+        # The store keeps only the latest segment; it stands for every position.
+        feeds["segments"] = np.full((1, width), segment_token, dtype=np.int64)
+    if "event_types" in input_names:
+        # The event type of the [MASK] position is the unknown outcome: 0, as in training.
+        feeds["event_types"] = per_position(history.event_types, lambda v: EVENT_TYPE_TOKENS.get(v, 0), 0)
+    return Encoded(feeds=feeds, seen_tokens=seen, n_known=len(keep))
+
+
+def _providers(use_gpu: bool, cache_dir: Path) -> list[object]:
+    available = set(ort.get_available_providers())
+    providers: list[object] = []
+    if use_gpu and "TensorrtExecutionProvider" in available:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        providers.append(
+            (
+                "TensorrtExecutionProvider",
+                {
+                    "trt_fp16_enable": True,
+                    "trt_engine_cache_enable": True,
+                    "trt_engine_cache_path": str(cache_dir),
+                },
+            )
+        )
+    if use_gpu and "CUDAExecutionProvider" in available:
+        providers.append("CUDAExecutionProvider")
+    providers.append("CPUExecutionProvider")
+    return providers
+
+
+class OnnxRanker:
+    """One ONNX Runtime session; `rank` is thread-safe (ORT sessions allow concurrent `run`)."""
+
+    def __init__(self, bundle: LoadedBundle, intra_threads: int, use_gpu: bool, cache_dir: Path) -> None:
+        spec = bundle.manifest.model
+        self.vocabulary = bundle.vocabulary
+        self.path = bundle.path
+        self.max_len = spec.max_len
+        self.top_k = spec.top_k
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = intra_threads
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # Spinning workers would steal the (few) cores from the event loop between requests.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        try:
+            self.session = ort.InferenceSession(
+                str(bundle.path / "model.onnx"), options, providers=_providers(use_gpu, cache_dir / bundle.version)
+            )
+        except Exception as exc:  # ORT raises its own exception types (Fail, InvalidGraph, ...)
+            raise BundleRefused(bundle.path, f"ONNX Runtime cannot load model.onnx: {exc}") from exc
+        self.providers = self.session.get_providers()
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        output_names = [o.name for o in self.session.get_outputs()]
+        missing = [n for n in MODEL_REQUIRED_INPUTS if n not in self.input_names]
+        unknown = [n for n in self.input_names if n not in (*MODEL_REQUIRED_INPUTS, *MODEL_CONTEXT_INPUTS)]
+        if missing or unknown or not {"top_scores", "top_tokens"} <= set(output_names):
+            raise BundleRefused(
+                bundle.path, f"graph inputs {self.input_names} / outputs {output_names} are not understood"
+            )
+        if self.input_names != list(spec.inputs):
+            raise BundleRefused(bundle.path, f"graph inputs {self.input_names} differ from the manifest {spec.inputs}")
+        self.warm_up()
+
+    def warm_up(self) -> None:
+        """One real inference at load: a broken graph is refused before traffic arrives."""
+        probe = History(item_ids=[self.vocabulary.item_id(FIRST_ITEM_TOKEN)])
+        encoded = encode(probe, RequestContext(), self.vocabulary, self.max_len, self.input_names)
+        assert encoded is not None
+        try:
+            scores, tokens = self.rank(encoded.feeds)
+        except Exception as exc:
+            raise BundleRefused(self.path, f"warm-up inference failed: {exc}") from exc
+        if tokens.shape != (self.top_k,) or not np.isfinite(scores[:1]).all():
+            raise BundleRefused(self.path, f"warm-up returned shape {tokens.shape}, expected ({self.top_k},)")
+
+    def rank(self, feeds: dict[str, np.ndarray], run_options: ort.RunOptions | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """-> (scores, tokens) of the graph's top-K for a batch of one, best first."""
+        scores, tokens = self.session.run(["top_scores", "top_tokens"], feeds, run_options)
+        return scores[0], tokens[0]
+
+    def decode(self, scores: np.ndarray, tokens: np.ndarray, k: int) -> list[tuple[str, float]]:
+        """Top-K tokens -> (item id, score); masked entries (-inf: history, specials) are dropped."""
+        keep = np.isfinite(scores) & (tokens >= FIRST_ITEM_TOKEN)
+        items = self.vocabulary.items
+        return [
+            (items[t - FIRST_ITEM_TOKEN], s)
+            for t, s in zip(tokens[keep][:k].tolist(), scores[keep][:k].tolist())
+        ]

@@ -1,0 +1,382 @@
+"""The serving logic, independent of the HTTP framework: bundle, model, feature store, cache, fallback.
+
+Every path that cannot use the model answers from the popularity fallback with a reason; only a
+failure to log an event durably is an error (the client must retry, nothing is silently lost).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+import anyio
+import anyio.to_thread
+import onnxruntime as ort
+from cachetools import TTLCache
+
+from recsys_serving.bundle import FIRST_ITEM_TOKEN, BundleRefused, LoadedBundle, Popularity, load_bundle, salvage_popularity
+from recsys_serving.event_log import EventLog, canonical_record
+from recsys_serving.feature_client import FeatureStoreClient, FeatureStoreUnavailable, UserSequence
+from recsys_serving.invalidation import SharedStamps
+from recsys_serving.metrics import ServiceMetrics
+from recsys_serving.model import History, OnnxRanker, RequestContext, encode, tod_bucket
+from recsys_serving.schemas import (
+    MAX_K,
+    MODEL_REASON,
+    EventRequest,
+    EventResponse,
+    FallbackReason,
+    Health,
+    RecommendRequest,
+    RecommendResponse,
+    ScoredItem,
+)
+from recsys_serving.settings import ServingSettings
+
+logger = logging.getLogger("recsys_serving")
+
+# Reasons whose answer describes the user's state (cacheable); the others are transient outages.
+CACHEABLE_REASONS = {MODEL_REASON, FallbackReason.UNKNOWN_USER.value, FallbackReason.COLD_START.value}
+FEATURE_CLIENT_RETRY_S = 5.0
+
+
+class EventLogUnavailable(RuntimeError):
+    """The durable event log cannot be written; the event is not accepted (HTTP 503)."""
+
+
+@dataclass(frozen=True)
+class Answer:
+    """A full ranked list (up to MAX_K items), sliced to k per request; what the cache holds."""
+
+    items: tuple[tuple[str, float], ...]
+    model_version: str | None
+    reason: str
+
+    @property
+    def fallback(self) -> bool:
+        return self.reason != MODEL_REASON
+
+    def response(self, k: int, cached: bool) -> RecommendResponse:
+        return RecommendResponse(
+            items=[ScoredItem(item_id=i, score=s) for i, s in self.items[:k]],
+            model_version=self.model_version,
+            fallback=self.fallback,
+            reason=self.reason,
+            cached=cached,
+        )
+
+
+class Recommender:
+    """Owns one bundle for its lifetime (restart to serve a newly promoted one)."""
+
+    def __init__(
+        self,
+        settings: ServingSettings,
+        metrics: ServiceMetrics,
+        feature_client_factory: Callable[[], FeatureStoreClient] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.bundle_path = settings.resolved_bundle_path()
+        self.bundle: LoadedBundle | None = None
+        self.ranker: OnnxRanker | None = None
+        self.popularity: Popularity | None = None
+        self.degraded_reason: str | None = None
+        self._load_bundle()
+
+        self._feature_client_factory = feature_client_factory or (lambda: FeatureStoreClient(settings.feature_repo))
+        self._feature_client: FeatureStoreClient | None = None
+        self._feature_client_error: str | None = None
+        self._feature_client_retry_at = 0.0
+        self._feature_client_lock = threading.Lock()
+
+        # cachetools caches are not thread-safe; answers are read and written under one lock.
+        # Value: (invalidation stamp when computed, {request variant: answer}).
+        self._cache: TTLCache[str, tuple[int, dict[tuple[object, ...], Answer]]] = TTLCache(
+            maxsize=settings.cache_size, ttl=settings.cache_ttl_s
+        )
+        self._cache_lock = threading.Lock()
+        # Shared by the worker processes of this host: an event on any worker invalidates everywhere.
+        self._stamps = SharedStamps(settings.home.expanduser() / "cache" / "invalidation.u32")
+        # Worker-thread slots (created in the event loop on first use). Few threads: dozens of threads
+        # queueing on the GIL and the store's lock cost more than queueing in the loop.
+        self._model_limiter: anyio.CapacityLimiter | None = None
+        self._feature_limiter: anyio.CapacityLimiter | None = None
+        self.event_log = EventLog(settings.resolved_event_log_dir())
+        self._warm_up_feature_store()
+
+    # -- loading ---------------------------------------------------------------------------------
+
+    def _load_bundle(self) -> None:
+        started = time.perf_counter()
+        try:
+            bundle = load_bundle(self.bundle_path)
+            ranker = OnnxRanker(
+                bundle,
+                intra_threads=self.settings.ort_intra_threads,
+                use_gpu=self.settings.use_gpu,
+                cache_dir=self.settings.home.expanduser() / "cache" / "tensorrt",
+            )
+        except BundleRefused as exc:
+            self.degraded_reason = exc.reason
+            self.popularity = salvage_popularity(self.bundle_path)
+            logger.error(
+                "serving the popularity fallback only (%s); fallback list %s",
+                exc,
+                "salvaged from the bundle" if self.popularity else "unavailable: answers will be empty",
+            )
+            self.metrics.model_info.labels(model_version="none", provider="none").set(1)
+            self.metrics.degraded.set(1)
+            return
+        self.bundle, self.ranker, self.popularity = bundle, ranker, bundle.popularity
+        self.metrics.model_info.labels(model_version=bundle.version, provider=ranker.providers[0]).set(1)
+        self.metrics.degraded.set(0)
+        logger.info(
+            "bundle %s loaded from %s in %.2fs (providers %s, %d items)",
+            bundle.version,
+            bundle.path,
+            time.perf_counter() - started,
+            ranker.providers,
+            len(bundle.vocabulary.items),
+        )
+
+    @property
+    def model_version(self) -> str | None:
+        return self.bundle.version if self.bundle is not None else None
+
+    def health(self) -> Health:
+        degraded = self.ranker is None
+        return Health(
+            status="degraded" if degraded else "ok",
+            degraded=degraded,
+            reason=self.degraded_reason,
+            model_version=self.model_version,
+            bundle_path=str(self.bundle.path if self.bundle else self.bundle_path),
+            providers=self.ranker.providers if self.ranker else [],
+            cache={"entries": float(len(self._cache)), "hit_ratio": round(self.metrics.cache_ratio(), 4)},
+        )
+
+    # -- feature store ---------------------------------------------------------------------------
+
+    def _client(self) -> FeatureStoreClient:
+        with self._feature_client_lock:
+            if self._feature_client is not None:
+                return self._feature_client
+            if time.monotonic() < self._feature_client_retry_at:
+                raise FeatureStoreUnavailable(f"feature store not configured: {self._feature_client_error}")
+            try:
+                self._feature_client = self._feature_client_factory()
+            except Exception as exc:  # a missing/invalid repo is an outage of the store, not a crash
+                self._feature_client_error = f"{type(exc).__name__}: {exc}"
+                self._feature_client_retry_at = time.monotonic() + FEATURE_CLIENT_RETRY_S
+                raise FeatureStoreUnavailable(f"feature store not configured: {self._feature_client_error}") from exc
+            return self._feature_client
+
+    def _warm_up_feature_store(self) -> None:
+        """Open the store and read once at start-up, so the first request does not pay for it."""
+        try:
+            self._client().check()
+        except FeatureStoreUnavailable as exc:
+            logger.warning("feature store unavailable at start-up (requests fall back until it is back): %s", exc)
+
+    async def _user_sequence(self, user_id: str) -> UserSequence | None:
+        """Raises FeatureStoreUnavailable on an outage or when the lookup exceeds its budget."""
+        result: list[UserSequence | None] = []
+        if self._feature_limiter is None:
+            self._feature_limiter = anyio.CapacityLimiter(self.settings.feature_concurrency)
+        with anyio.move_on_after(self.settings.feature_timeout_ms / 1000) as scope:
+            result.append(
+                await anyio.to_thread.run_sync(
+                    lambda: self._client().get_user_sequence(user_id),
+                    limiter=self._feature_limiter,
+                    abandon_on_cancel=True,
+                )
+            )
+        if scope.cancelled_caught:
+            raise FeatureStoreUnavailable(f"lookup took longer than {self.settings.feature_timeout_ms:.0f} ms")
+        return result[0]
+
+    # -- cache -------------------------------------------------------------------------------------
+
+    def _cache_get(self, user_id: str, variant: tuple[object, ...]) -> tuple[Answer | None, int]:
+        """(cached answer or None, the user's current stamp to store a new answer under)."""
+        stamp = self._stamps.get(user_id)
+        with self._cache_lock:
+            entry = self._cache.get(user_id)
+            if entry is None:
+                return None, stamp
+            if entry[0] != stamp:  # an event since (possibly on another worker): stale
+                self._cache.pop(user_id, None)
+                return None, stamp
+            return entry[1].get(variant), stamp
+
+    def _cache_put(self, user_id: str, variant: tuple[object, ...], answer: Answer, stamp: int) -> None:
+        with self._cache_lock:
+            if self._stamps.get(user_id) != stamp:
+                return  # an event arrived while this answer was computed: it is already stale
+            entry = self._cache.get(user_id)
+            if entry is None or entry[0] != stamp:
+                entry = (stamp, {})
+                self._cache[user_id] = entry
+            entry[1][variant] = answer
+
+    def invalidate(self, user_id: str) -> None:
+        with self._cache_lock:
+            self._stamps.bump(user_id)
+            self._cache.pop(user_id, None)
+
+    # -- recommend ---------------------------------------------------------------------------------
+
+    def _fallback(self, reason: FallbackReason, exclude: set[str], device: str | None, segment: str | None) -> Answer:
+        """Popularity (device, else segment, else global list) without the user's history."""
+        self.metrics.fallbacks.labels(reason=reason.value).inc()
+        items: list[tuple[str, float]] = []
+        if self.popularity is not None:
+            chosen, _ = self.popularity.choose(device, segment)
+            seen = set(exclude)
+            for source in (chosen, self.popularity.global_):  # top up from global if a list runs short
+                for entry in source:
+                    if entry.item_id not in seen:
+                        seen.add(entry.item_id)
+                        items.append((entry.item_id, entry.score))
+                        if len(items) == MAX_K:
+                            break
+                if len(items) == MAX_K:
+                    break
+        return Answer(items=tuple(items), model_version=self.model_version, reason=reason.value)
+
+    async def _run_model(self, history: History, request: RequestContext) -> Answer | FallbackReason:
+        assert self.ranker is not None and self.bundle is not None
+        ranker = self.ranker
+        encoded = encode(history, request, ranker.vocabulary, ranker.max_len, ranker.input_names)
+        if encoded is None:
+            return FallbackReason.COLD_START
+        if self._model_limiter is None:
+            self._model_limiter = anyio.CapacityLimiter(self.settings.model_concurrency)
+        run_options = ort.RunOptions()
+        outputs = []
+        try:
+            with anyio.move_on_after(self.settings.model_timeout_ms / 1000) as scope:
+                outputs.append(
+                    await anyio.to_thread.run_sync(
+                        ranker.rank, encoded.feeds, run_options, limiter=self._model_limiter, abandon_on_cancel=True
+                    )
+                )
+        except Exception:  # noqa: BLE001 - any failure inside ORT is a model error, answered by fallback
+            logger.exception("model inference failed")
+            return FallbackReason.MODEL_ERROR
+        if scope.cancelled_caught:
+            run_options.terminate = True  # stop the abandoned run instead of letting it burn a core
+            return FallbackReason.MODEL_TIMEOUT
+        scores, tokens = outputs[0]
+        items = ranker.decode(scores, tokens, MAX_K)
+        return Answer(items=tuple(items), model_version=self.bundle.version, reason=MODEL_REASON)
+
+    async def recommend(self, req: RecommendRequest) -> RecommendResponse:
+        ctx = req.context
+        device = ctx.device if ctx else None
+        ts = (ctx.ts if ctx and ctx.ts else None) or datetime.now(timezone.utc)
+        tod = tod_bucket((ts if ts.tzinfo is None else ts.astimezone(timezone.utc)).hour)
+        segment = ctx.segment if ctx else None
+
+        use_cache = req.recent_items is None
+        variant = (device, segment, tod)
+        stamp = 0
+        if use_cache:
+            cached, stamp = self._cache_get(req.user_id, variant)
+            self.metrics.cache_lookup(cached is not None)
+            if cached is not None:
+                return cached.response(req.k, cached=True)
+
+        if req.recent_items is not None:
+            history = History(item_ids=req.recent_items)
+        else:
+            try:
+                sequence = await self._user_sequence(req.user_id)
+            except FeatureStoreUnavailable as exc:
+                logger.warning("feature store unavailable: %s", exc)
+                answer = self._fallback(FallbackReason.FEATURE_STORE_UNAVAILABLE, set(), device, segment)
+                return answer.response(req.k, cached=False)
+            if sequence is None:
+                answer = self._fallback(FallbackReason.UNKNOWN_USER, set(), device, segment)
+                self._cache_put(req.user_id, variant, answer, stamp)
+                return answer.response(req.k, cached=False)
+            history = History(
+                item_ids=sequence.item_ids, event_types=sequence.event_types, tod=sequence.tod, devices=sequence.devices
+            )
+            segment = segment or sequence.segment
+
+        if self.ranker is None:
+            answer = self._fallback(FallbackReason.MODEL_UNAVAILABLE, set(history.item_ids), device, segment)
+            return answer.response(req.k, cached=False)
+        result = await self._run_model(history, RequestContext(tod=tod, device=device, segment=segment))
+        answer = (
+            result
+            if isinstance(result, Answer)
+            else self._fallback(result, set(history.item_ids), device, segment)
+        )
+        if use_cache and answer.reason in CACHEABLE_REASONS:
+            self._cache_put(req.user_id, variant, answer, stamp)
+        return answer.response(req.k, cached=False)
+
+    # -- events ------------------------------------------------------------------------------------
+
+    def _category(self, item_id: str) -> str | None:
+        if self.bundle is None:
+            return None
+        token = self.bundle.vocabulary.item_to_token.get(item_id)
+        return self.bundle.vocabulary.categories[token - FIRST_ITEM_TOKEN] if token is not None else None
+
+    async def record_event(self, req: EventRequest) -> EventResponse:
+        """Log durably first (the event is never lost), then update the feature store and the cache."""
+        ts = req.ts or datetime.now(timezone.utc)
+        segment: str | None = None
+        store_error: str | None = None
+        try:
+            current = await self._user_sequence(req.user_id)
+            segment = current.segment if current is not None else None
+        except FeatureStoreUnavailable as exc:
+            store_error = str(exc)
+        record = canonical_record(
+            user_id=req.user_id,
+            item_id=req.item_id,
+            event_type=req.event_type,
+            ts=ts,
+            session_id=req.session_id,
+            category=self._category(req.item_id),
+            device=req.device,
+            segment=segment,
+            price=req.price,
+        )
+        try:
+            path: Path = await anyio.to_thread.run_sync(self.event_log.append, record)
+        except OSError as exc:  # disk full, read-only volume: the client must retry, nothing is acknowledged
+            raise EventLogUnavailable(f"the event log {self.event_log.directory} cannot be written: {exc}") from exc
+        self.metrics.events_logged.inc()
+
+        updated: UserSequence | None = None
+        if store_error is None:
+            try:
+                updated = await anyio.to_thread.run_sync(
+                    lambda: self._client().push_event(req.user_id, req.item_id, req.event_type, ts, req.device)
+                )
+            except FeatureStoreUnavailable as exc:
+                store_error = str(exc)
+        self.invalidate(req.user_id)
+        if store_error is not None:
+            logger.warning("event logged but the feature store was not updated: %s", store_error)
+        return EventResponse(
+            accepted=True,
+            logged_to=path.name,
+            feature_store_updated=updated is not None,
+            sequence_length=len(updated) if updated is not None else None,
+            reason="ok" if store_error is None else f"feature_store_unavailable: {store_error}",
+        )
+
+    def close(self) -> None:
+        self.event_log.close()

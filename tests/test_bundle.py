@@ -1,0 +1,352 @@
+"""Model bundle: write-once layout, checksum/format refusal (also by the server), popularity and
+vocabulary from the warehouse, the evaluation gate, atomic promotion and rollback."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import pytest
+import torch
+
+from recsys_assets.bert4rec.model import BERT4Rec, BERT4RecConfig
+from recsys_assets.data import schema
+from recsys_assets.export.bundle import (
+    CURRENT,
+    champion_metrics,
+    current_version,
+    data_window,
+    evaluate_gate,
+    model_spec_for,
+    popularity_document,
+    promote,
+    promotion_history,
+    rollback,
+    vocabulary_document,
+    write_bundle,
+)
+from recsys_assets.export.onnx_export import ExportReport, export_onnx
+from recsys_serving import bundle as fmt
+from recsys_serving.bundle import BundleRefused, load_bundle, salvage_popularity, verify_bundle
+from recsys_serving.event_log import CANONICAL_FIELDS
+from recsys_serving.metrics import ServiceMetrics
+from recsys_serving.model import OnnxRanker
+from recsys_serving.recommender import Recommender
+from recsys_serving.schemas import RecommendRequest
+from recsys_serving.settings import ServingSettings
+
+ITEMS = [f"item-{i}" for i in range(60)]
+VOCABULARY = {"items": ITEMS, "categories": None, "context": {"device": {"mobile": 1}, "segment": {}}}
+POPULARITY = {
+    "global": [{"item_id": i, "score": 1.0 / (r + 1)} for r, i in enumerate(ITEMS[:40])],
+    "by_segment": {},
+    "by_device": {"mobile": [{"item_id": i, "score": 0.1} for i in ITEMS[20:30]]},
+}
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[BERT4RecConfig, ExportReport]:
+    torch.manual_seed(0)
+    config = BERT4RecConfig(vocab_size=len(ITEMS) + 2, hidden=16, layers=1, heads=2, max_len=10, n_devices=2)
+    report = export_onnx(BERT4Rec(config).eval(), config, tmp_path_factory.mktemp("onnx") / "model.onnx", top_k=20)
+    return config, report
+
+
+def _metrics(ndcg: float, popularity: float = 0.05, fingerprint: str = "data-1") -> dict[str, Any]:
+    return {
+        "models": {
+            "bert4rec": {"full": {"NDCG@10": ndcg}},
+            "popularity": {"full": {"NDCG@10": popularity}},
+            "item_knn": {"full": {"NDCG@10": popularity * 1.5}},
+        },
+        "dataset": {"fingerprint": fingerprint},
+        "config": {"fit": "train"},
+    }
+
+
+def _write(root: Path, exported: tuple[BERT4RecConfig, ExportReport], version: str, ndcg: float = 0.1) -> Path:
+    config, report = exported
+    info = write_bundle(
+        root,
+        Path(report.path),
+        VOCABULARY,
+        POPULARITY,
+        model_spec_for(config, report),
+        metrics=_metrics(ndcg),
+        data_window={"start": None, "end": None},
+        version=version,
+    )
+    return Path(info.path)
+
+
+def _writable_copy(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    for p in dst.iterdir():
+        p.chmod(0o644)
+    return dst
+
+
+def test_constants_match_the_training_schema() -> None:
+    assert (fmt.PAD_TOKEN, fmt.MASK_TOKEN, fmt.FIRST_ITEM_TOKEN) == (
+        schema.PAD_TOKEN, schema.MASK_TOKEN, schema.FIRST_ITEM_TOKEN,
+    )
+    assert fmt.EVENT_TYPE_TOKENS == schema.EVENT_TYPE_TOKENS
+    assert fmt.TIME_OF_DAY_BUCKETS == schema.TIME_OF_DAY_BUCKETS
+    assert CANONICAL_FIELDS == tuple(schema.CANONICAL_COLUMNS)
+
+
+def test_bundle_is_complete_write_once_and_loads(tmp_path: Path, exported: tuple[BERT4RecConfig, ExportReport]) -> None:
+    path = _write(tmp_path, exported, "v1")
+    manifest = verify_bundle(path)
+    assert manifest.format_version == fmt.BUNDLE_FORMAT_VERSION
+    assert set(manifest.files) == {"model.onnx", "vocabulary.json", "popularity.json"}
+    assert manifest.metrics["models"]["bert4rec"]["full"]["NDCG@10"] == 0.1
+    assert all((p.stat().st_mode & 0o222) == 0 for p in path.iterdir()), "bundle files must be read-only"
+    assert not list(tmp_path.glob(".staging-*")), "staging directories must not be left behind"
+    with pytest.raises(FileExistsError):
+        _write(tmp_path, exported, "v1")
+    loaded = load_bundle(path)
+    ranker = OnnxRanker(loaded, intra_threads=1, use_gpu=False, cache_dir=tmp_path / "cache")
+    assert ranker.input_names == manifest.model.inputs
+
+
+@pytest.mark.parametrize(
+    "tamper, reason",
+    [
+        (lambda p: (p / "vocabulary.json").write_text((p / "vocabulary.json").read_text().replace("item-1", "item-X")), "sha256"),
+        (lambda p: (p / "popularity.json").write_text("{}"), "bytes"),
+        (lambda p: (p / "model.onnx").unlink(), "missing"),
+        (lambda p: (p / "extra.bin").write_bytes(b"x"), "not in the manifest"),
+        (
+            lambda p: (p / "manifest.json").write_text(
+                json.dumps({**json.loads((p / "manifest.json").read_text()), "format_version": 2})
+            ),
+            "format_version 2 is not understood",
+        ),
+        (
+            lambda p: (p / "manifest.json").write_text(
+                json.dumps({**json.loads((p / "manifest.json").read_text()), "new_field": 1})
+            ),
+            "new_field",
+        ),
+        (lambda p: (p / "manifest.json").write_text("{not json"), "not valid JSON"),
+    ],
+    ids=["checksum", "size", "missing-file", "unlisted-file", "format-version", "unknown-field", "bad-json"],
+)
+def test_tampered_bundles_are_refused(
+    tmp_path: Path, exported: tuple[BERT4RecConfig, ExportReport], tamper: Any, reason: str
+) -> None:
+    good = _write(tmp_path / "bundles", exported, "v1")
+    bad = _writable_copy(good, tmp_path / "bad")
+    tamper(bad)
+    with pytest.raises(BundleRefused) as err:
+        load_bundle(bad)
+    assert reason in err.value.reason
+
+
+def test_server_refuses_a_tampered_bundle_and_serves_fallback(
+    tmp_path: Path, exported: tuple[BERT4RecConfig, ExportReport], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import prometheus_client
+
+    monkeypatch.setenv("RECSYS_HOME", str(tmp_path))
+    good = _write(tmp_path / "bundles", exported, "v1")
+    bad = _writable_copy(good, tmp_path / "bad")
+    model = bad / "model.onnx"
+    model.write_bytes(model.read_bytes()[:-1] + b"\x00")  # one byte of the weights
+    settings = ServingSettings.from_env(bundle_path=str(bad), feature_repo=str(tmp_path / "no_repo"))
+    recommender = Recommender(settings, ServiceMetrics(registry=prometheus_client.CollectorRegistry()))
+    health = recommender.health()
+    assert health.degraded and health.status == "degraded" and "model.onnx sha256" in (health.reason or "")
+    assert health.model_version is None
+    answer = asyncio.run(recommender.recommend(RecommendRequest(user_id="u", k=3, recent_items=["item-0"])))
+    assert answer.fallback and answer.reason == "model_unavailable"
+    # the popularity file still verifies, so the fallback is the bundle's list minus the history
+    assert [i.item_id for i in answer.items] == ["item-1", "item-2", "item-3"]
+    assert salvage_popularity(bad) is not None
+    (bad / "popularity.json").write_text("{}")
+    assert salvage_popularity(bad) is None
+
+
+def test_popularity_vocabulary_and_window_from_the_warehouse(tmp_path: Path) -> None:
+    con = duckdb.connect(str(tmp_path / "w.duckdb"))
+    con.execute(
+        """CREATE TABLE cleaned_interactions AS SELECT * FROM (VALUES
+           ('u1','a',TIMESTAMP '2024-01-01','mobile','vip'), ('u2','a',TIMESTAMP '2024-03-01','mobile','vip'),
+           ('u3','a',TIMESTAMP '2024-03-02','desktop',NULL), ('u1','b',TIMESTAMP '2024-03-02','desktop',NULL),
+           ('u2','b',TIMESTAMP '2024-03-03','desktop','vip'), ('u3','c',TIMESTAMP '2024-03-03','mobile',NULL),
+           ('u4','c',TIMESTAMP '2024-03-03','mobile',NULL), ('u5','c',TIMESTAMP '2024-03-04',NULL,NULL))
+           t(user_id, item_id, ts, device, segment)"""
+    )
+    con.execute(
+        """CREATE TABLE item_vocabulary AS SELECT * FROM (VALUES
+           (0,'[PAD]',NULL,0,true),(1,'[MASK]',NULL,0,true),(2,'a','x',3,false),(3,'c',NULL,3,false),(4,'b','y',2,false))
+           t(token,item_id,category,count,is_special)"""
+    )
+    con.execute(
+        "CREATE TABLE context_vocabulary AS SELECT * FROM (VALUES ('device','mobile',1),('device','desktop',2)) t(kind,value,token)"
+    )
+    vocab = vocabulary_document(con, "item_vocabulary", "context_vocabulary")
+    assert vocab["items"] == ["a", "c", "b"] and vocab["categories"] == ["x", None, "y"]
+    assert vocab["context"]["device"] == {"mobile": 1, "desktop": 2}
+
+    pop = popularity_document(con, "cleaned_interactions", window_days=30, top_global=100, top_group=100, min_group_events=2)
+    assert pop["window"]["days"] == 30
+    # 2024-01-01 is outside the 30 days before 2024-03-04: 'a' counts 2, 'c' 3, 'b' 2 -> c first, ties by id
+    assert [e["item_id"] for e in pop["global"]] == ["c", "a", "b"]
+    assert abs(pop["global"][0]["score"] - 3 / 7) < 1e-9
+    assert [e["item_id"] for e in pop["by_device"]["mobile"]] == ["c", "a"]
+    assert set(pop["by_device"]) == {"mobile", "desktop"}
+    assert set(pop["by_segment"]) == {"vip"}  # min_group_events=2: 'vip' has 2 events in the window
+    everything = popularity_document(con, "cleaned_interactions", window_days=None, top_global=100, top_group=100)
+    assert [e["item_id"] for e in everything["global"]] == ["a", "c", "b"]
+    assert everything["by_device"] == {} and everything["by_segment"] == {}  # below min_group_events=100
+    window = data_window(con, "cleaned_interactions")
+    assert window["interactions"] == 8 and window["users"] == 5 and window["items"] == 3
+
+    con.execute("DELETE FROM item_vocabulary WHERE token = 3")
+    with pytest.raises(ValueError, match="contiguous"):
+        vocabulary_document(con, "item_vocabulary", None)
+
+
+def test_gate_promotion_and_rollback(tmp_path: Path, exported: tuple[BERT4RecConfig, ExportReport]) -> None:
+    root = tmp_path / "bundles"
+    assert current_version(root) is None and champion_metrics(root) is None
+
+    # no champion: beats the baselines -> promoted
+    first = evaluate_gate(root, _metrics(0.10), tolerance=0.02)
+    assert first.passed and first.champion is None
+    _write(root, exported, "v1", ndcg=0.10)
+    promote(root, "v1", first.reasons)
+    assert (root / CURRENT).is_symlink() and current_version(root) == "v1"
+    assert champion_metrics(root)["models"]["bert4rec"]["full"]["NDCG@10"] == 0.10
+
+    # regresses by 5% > 2% tolerance against the champion -> not promoted, bundle kept
+    worse = evaluate_gate(root, _metrics(0.095), tolerance=0.02)
+    assert not worse.passed and worse.champion == "v1"
+    assert any("regresses" in r for r in worse.reasons)
+    _write(root, exported, "v2", ndcg=0.095)
+    assert current_version(root) == "v1"
+
+    # does not beat a baseline -> refused even without regression
+    assert not evaluate_gate(root, _metrics(0.10, popularity=0.2), tolerance=0.02).passed
+
+    # within tolerance -> promoted; the switch is atomic (a symlink replaced, never absent)
+    ok = evaluate_gate(root, _metrics(0.099), tolerance=0.02)
+    assert ok.passed
+    _write(root, exported, "v3", ndcg=0.099)
+    promote(root, "v3", ok.reasons)
+    assert current_version(root) == "v3"
+    assert sorted(p.name for p in root.iterdir() if not p.name.startswith(".")) == [
+        "current", "promotions.jsonl", "v1", "v2", "v3",
+    ]
+    assert not [p for p in root.iterdir() if p.name.startswith(".current-")]
+
+    # rollback goes back to the previous champion; history records both switches
+    record = rollback(root)
+    assert record.version == "v1" and record.previous == "v3" and current_version(root) == "v1"
+    assert [(h.action, h.version) for h in promotion_history(root)] == [
+        ("promote", "v1"), ("promote", "v3"), ("rollback", "v1"),
+    ]
+    assert load_bundle(root / CURRENT).version == "v1"
+
+    # a bundle that does not verify is never promoted
+    bad = _writable_copy(root / "v2", root / "v2-bad")
+    (bad / "vocabulary.json").write_text("{}")
+    with pytest.raises(BundleRefused):
+        promote(root, "v2-bad")
+    assert current_version(root) == "v1"
+
+
+def _warehouse(home: Path) -> None:
+    """cleaned_interactions -> item/context vocabularies -> tokenized_sequences, with the real SQL."""
+    from recsys_assets.data.sequences import build_context_vocabulary, build_item_vocabulary, tokenize_sequences
+
+    con = duckdb.connect(str(home / "warehouse.duckdb"))
+    con.execute("SELECT setseed(0.5)")
+    con.execute(
+        """CREATE TABLE cleaned_interactions AS
+           SELECT 'u' || (i // 8) AS user_id, 'item-' || CAST(floor(pow(random(), 2) * 60) AS INTEGER) AS item_id,
+                  ['view', 'cart', 'purchase'][1 + CAST(i % 3 AS INTEGER)] AS event_type,
+                  TIMESTAMP '2024-03-01' + to_minutes(CAST(i AS BIGINT)) AS ts, NULL::VARCHAR AS session_id,
+                  'cat' AS category, ['web', 'ios'][1 + CAST(i % 2 AS INTEGER)] AS device,
+                  ['new', 'vip'][1 + CAST((i // 8) % 2 AS INTEGER)] AS segment, NULL::DOUBLE AS price, i AS event_id
+           FROM range(2400) r(i)"""
+    )
+    build_item_vocabulary(con)
+    build_context_vocabulary(con)
+    tokenize_sequences(con)
+    con.close()
+
+
+def test_export_assets_materialize_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """onnx_model -> tensorrt_engine -> model_bundle -> bento, upstream values read by the real IO managers."""
+    from dagster import AssetKey, SourceAsset, materialize
+
+    from recsys_assets.assets import export as export_assets
+    from recsys_assets.bert4rec.model import save_model
+    from recsys_assets.io_manager import DuckDBTableIOManager, JsonArtifactIOManager
+
+    monkeypatch.setenv("RECSYS_HOME", str(tmp_path))
+    _warehouse(tmp_path)
+    with duckdb.connect(str(tmp_path / "warehouse.duckdb"), read_only=True) as con:
+        vocab_size = con.execute("SELECT max(token) + 1 FROM item_vocabulary").fetchone()[0]
+        sizes = dict(con.execute("SELECT kind, count(*) + 1 FROM context_vocabulary GROUP BY kind").fetchall())
+    torch.manual_seed(0)
+    config = BERT4RecConfig(vocab_size=vocab_size, hidden=16, layers=1, heads=2, max_len=12,
+                            n_devices=sizes["device"], n_segments=sizes["segment"])
+    save_model(tmp_path / "model", BERT4Rec(config).eval(), config)
+    metrics_path = tmp_path / "metrics.json"
+    metrics_path.write_text(json.dumps(_metrics(0.2)))
+    artifacts = tmp_path / "artifacts"
+    artifacts.mkdir()
+    (artifacts / "bert4rec_model.json").write_text(json.dumps({"path": str(tmp_path / "model")}))
+    (artifacts / "evaluation_report.json").write_text(json.dumps({"metrics_json": str(metrics_path), "run_id": "r1"}))
+
+    upstream = [
+        SourceAsset(AssetKey(name), io_manager_key=key)
+        for name, key in [
+            ("bert4rec_model", "artifact_io_manager"), ("evaluation_report", "artifact_io_manager"),
+            ("tokenized_sequences", "warehouse_io_manager"), ("item_vocabulary", "warehouse_io_manager"),
+            ("context_vocabulary", "warehouse_io_manager"), ("cleaned_interactions", "warehouse_io_manager"),
+        ]
+    ]
+    result = materialize(
+        [*export_assets.assets, *export_assets.asset_checks, *upstream],
+        resources={"warehouse_io_manager": DuckDBTableIOManager(), "artifact_io_manager": JsonArtifactIOManager()},
+        run_config={
+            "ops": {
+                "onnx_model": {"config": {"parity_sequences": 300, "min_parity_sequences": 200, "latency_repeats": 5}},
+                "tensorrt_engine": {"config": {"parity_sequences": 300}},
+                "model_bundle": {"config": {"popularity_min_group_events": 10}},
+                "bento": {"config": {"bentoml_home": str(tmp_path / "bentoml")}},
+            }
+        },
+    )
+    assert result.success
+    onnx_out = result.output_for_node("onnx_model")
+    assert onnx_out["parity"]["passed"] and onnx_out["parity"]["n_sequences"] == 300
+    assert onnx_out["export"]["contexts"] == ["tod", "devices", "segments", "event_types"]
+    trt = result.output_for_node("tensorrt_engine")
+    if not trt["built"]:  # this machine: no CUDA / no tensorrt, and the asset says which
+        assert trt["reason"] and trt["path"] is None
+    bundle_out = result.output_for_node("model_bundle")
+    assert bundle_out["promoted"] and bundle_out["current"] == bundle_out["version"]
+    manifest = verify_bundle(tmp_path / "bundles" / "current")
+    assert manifest.export["parity"]["passed"] and manifest.data_window["interactions"] == 2400
+    assert manifest.gate["passed"] and manifest.metrics == _metrics(0.2)
+    assert ("model.plan" in manifest.files) == trt["built"]
+    popularity = json.loads((tmp_path / "bundles" / "current" / "popularity.json").read_text())
+    assert set(popularity["by_device"]) == {"web", "ios"} and set(popularity["by_segment"]) == {"new", "vip"}
+    checks = result.get_asset_check_evaluations()
+    assert [c.passed for c in checks] == [True]
+    bento = result.output_for_node("bento")
+    assert bento["tag"] == f"recsys_recommender:{bundle_out['version'].lower()}"
+    built = tmp_path / "bentoml" / "bentos" / "recsys_recommender" / bundle_out["version"].lower()
+    assert (built / "src" / "bundle" / "manifest.json").exists()
+    assert (built / "src" / "recsys_serving" / "service.py").exists()
+    assert not list((built / "src").rglob("*.safetensors")), "the bento must not carry training artifacts"

@@ -1,0 +1,157 @@
+"""ONNX export of BERT4Rec: graph interface, parity with PyTorch on real validation sequences,
+the in-graph history masking / top-K, dynamic batch and length."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from recsys_assets.bert4rec.data import SequenceData
+from recsys_assets.bert4rec.model import BERT4Rec, BERT4RecConfig
+from recsys_assets.export.onnx_export import (
+    ParityBatch,
+    export_onnx,
+    model_contexts,
+    parity_check,
+    validation_batches,
+)
+from recsys_serving.bundle import MODEL_OUTPUTS
+
+BEAUTY = Path(__file__).resolve().parents[2] / "shared" / "data" / "amazon_beauty" / "Beauty.txt"
+if not BEAUTY.exists():
+    BEAUTY = Path("/work/shared/data/amazon_beauty/Beauty.txt")
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="module")
+def context_model(tmp_path_factory: pytest.TempPathFactory) -> tuple[BERT4Rec, BERT4RecConfig, Path]:
+    """A small model with time-of-day and device context, exported once for the module."""
+    torch.manual_seed(0)
+    config = BERT4RecConfig(vocab_size=300, hidden=32, layers=2, heads=2, max_len=16, n_devices=4, dropout=0.0)
+    model = BERT4Rec(config).eval()
+    path = tmp_path_factory.mktemp("onnx") / "model.onnx"
+    report = export_onnx(model, config, path, contexts=["tod", "devices", "event_types"], top_k=50)
+    assert report.contexts == ["tod", "devices", "event_types"]
+    return model, config, path
+
+
+def _synthetic_data(config: BERT4RecConfig, users: int, seed: int = 0) -> SequenceData:
+    rng = np.random.default_rng(seed)
+    tokens = [rng.integers(2, config.vocab_size, size=int(rng.integers(3, 40))) for _ in range(users)]
+    contexts = {
+        "tod": [rng.integers(0, 7, size=len(t)) for t in tokens],
+        "devices": [rng.integers(0, config.n_devices, size=len(t)) for t in tokens],
+        "event_types": [rng.integers(0, 4, size=len(t)) for t in tokens],
+    }
+    return SequenceData(user_ids=[str(i) for i in range(users)], tokens=tokens, vocab_size=config.vocab_size, contexts=contexts)
+
+
+def test_graph_interface_is_checked_and_dynamic(context_model: tuple[BERT4Rec, BERT4RecConfig, Path]) -> None:
+    _, _, path = context_model
+    proto = onnx.load(str(path))
+    onnx.checker.check_model(proto, full_check=True)
+    inputs = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in proto.graph.input}
+    assert list(inputs) == ["tokens", "tod", "devices", "event_types", "exclude"]
+    assert all(isinstance(d, str) for d in inputs["tokens"]), f"batch and length must be dynamic: {inputs['tokens']}"
+    assert inputs["tokens"] == inputs["tod"] == inputs["devices"]
+    assert [o.name for o in proto.graph.output] == ["scores", "top_scores", "top_tokens"]
+    assert set(MODEL_OUTPUTS) == {o.name for o in proto.graph.output}
+
+
+def test_contexts_follow_the_model_tables() -> None:
+    config = BERT4RecConfig(vocab_size=10, hidden=8, heads=2, n_devices=1, n_segments=3)
+    # devices has a 1-row table (never trained): not an input; segments only when the data has them
+    assert model_contexts(config) == ["tod", "segments", "event_types"]
+    assert model_contexts(config, available=["tod", "devices"]) == ["tod"]
+
+
+def test_every_batch_and_length_matches_pytorch(context_model: tuple[BERT4Rec, BERT4RecConfig, Path]) -> None:
+    model, config, path = context_model
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(1)
+    for batch, length in [(1, 1), (1, 2), (3, 7), (5, config.max_len)]:
+        tokens = rng.integers(2, config.vocab_size, size=(batch, length))
+        tokens[:, -1] = 1
+        tokens[0, : length // 2] = 0  # left padding in one row
+        ctx = {
+            "tod": rng.integers(0, 7, size=(batch, length)),
+            "devices": rng.integers(0, config.n_devices, size=(batch, length)),
+            "event_types": rng.integers(0, 4, size=(batch, length)),
+        }
+        with torch.no_grad():
+            ref = model.score_next(torch.from_numpy(tokens), **{k: torch.from_numpy(v) for k, v in ctx.items()}).numpy()
+        (scores,) = session.run(["scores"], {"tokens": tokens, **ctx, "exclude": np.zeros((batch, 1), dtype=np.int64)})
+        finite = np.isfinite(ref)
+        assert (np.isfinite(scores) == finite).all()
+        assert np.abs(scores[finite] - ref[finite]).max() < 1e-4, (batch, length)
+
+
+def test_ranking_head_masks_history_and_special_tokens(context_model: tuple[BERT4Rec, BERT4RecConfig, Path]) -> None:
+    _, config, path = context_model
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(2)
+    tokens = rng.integers(2, config.vocab_size, size=(2, 6))
+    tokens[:, -1] = 1
+    feeds = {"tokens": tokens, "tod": np.ones_like(tokens), "devices": np.ones_like(tokens), "event_types": np.ones_like(tokens)}
+    (scores,) = session.run(["scores"], {**feeds, "exclude": np.zeros((2, 1), dtype=np.int64)})
+    best = np.argsort(-scores, axis=1)[:, :5]  # mask the model's own favourites
+    exclude = np.concatenate([best, np.zeros((2, 2), dtype=np.int64)], axis=1)
+    top_scores, top_tokens = session.run(["top_scores", "top_tokens"], {**feeds, "exclude": exclude})
+    assert top_tokens.shape == (2, 50)
+    for row in range(2):
+        assert not set(top_tokens[row].tolist()) & set(best[row].tolist())
+        assert not {0, 1} & set(top_tokens[row].tolist())
+        masked = scores[row].copy()
+        masked[best[row]] = -np.inf
+        np.testing.assert_array_equal(top_tokens[row, :10], np.argsort(-masked, kind="stable")[:10])
+        assert (np.diff(top_scores[row]) <= 0).all()
+
+
+def test_parity_check_fails_for_another_model(context_model: tuple[BERT4Rec, BERT4RecConfig, Path]) -> None:
+    model, config, path = context_model
+    data = _synthetic_data(config, users=64)
+    batches = list(validation_batches(data, config.max_len, ["tod", "devices", "event_types"], 64))
+    assert parity_check(model, path, batches).passed
+    torch.manual_seed(1)
+    other = BERT4Rec(config).eval()  # same architecture, other weights: must not pass
+    report = parity_check(other, path, batches)
+    assert not report.passed and report.max_abs_diff > 1e-4
+
+
+@pytest.mark.skipif(not BEAUTY.exists(), reason="shared/data/amazon_beauty/Beauty.txt is absent")
+def test_parity_on_1000_real_validation_sequences(tmp_path: Path) -> None:
+    """Amazon Beauty (12,101 items): fp32 max |diff| < 1e-4 and identical top-10 on >= 1,000 users."""
+    data = SequenceData.from_sasrec_txt(BEAUTY)
+    torch.manual_seed(0)
+    config = BERT4RecConfig(vocab_size=data.vocab_size, hidden=32, layers=2, heads=2, max_len=50, dropout=0.0)
+    model = BERT4Rec(config).eval()
+    with torch.no_grad():  # spread the scores: at init they are nearly tied and the test would be weak
+        model.item_emb.weight.normal_(0, 0.5)
+        model.out_bias.normal_(0, 0.5)
+    report = export_onnx(model, config, tmp_path / "model.onnx", contexts=[])
+    assert report.inputs == ["tokens", "exclude"]
+    batches = list(validation_batches(data, config.max_len, [], 1000))
+    parity = parity_check(model, report.path, batches)
+    assert parity.n_sequences == 1000
+    assert parity.max_abs_diff < 1e-4
+    assert parity.top10_identical == 1000, parity
+    assert parity.topk_head_identical == 1000, parity
+    assert parity.passed
+
+
+def test_validation_batches_hold_history_for_exclusion() -> None:
+    config = BERT4RecConfig(vocab_size=50, hidden=8, heads=2, max_len=5)
+    data = SequenceData(
+        user_ids=["a"], tokens=[np.array([5, 6, 7, 8, 9, 10, 11])], vocab_size=50, contexts={}
+    )
+    (batch,) = list(validation_batches(data, config.max_len, [], 10))
+    assert isinstance(batch, ParityBatch)
+    # validation: history tokens[:-2] = 5..9, target 10; input = latest max_len-1 items + [MASK]
+    np.testing.assert_array_equal(batch.tokens, [[6, 7, 8, 9, 1]])
+    np.testing.assert_array_equal(np.sort(batch.exclude[0]), [5, 6, 7, 8, 9])
