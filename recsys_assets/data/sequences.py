@@ -90,23 +90,33 @@ def tokenize_sequences(
     started = time.perf_counter()
     event_case = " ".join(f"WHEN '{name}' THEN {tok}" for name, tok in EVENT_TYPE_TOKENS.items())
     hours_per_bucket = 24 // TIME_OF_DAY_BUCKETS
-    order = "ORDER BY c.ts, c.event_id"
+    # One sorted list of structs per user, then one column per field: a single sort per user.
     con.execute(
         f"""
         CREATE OR REPLACE TABLE "{sequences_table}" AS
-        WITH seq AS (
+        WITH events AS (
           SELECT c.user_id,
-            list(v.token {order}) AS tokens,
-            list((CASE c.event_type {event_case} ELSE 0 END)::TINYINT {order}) AS event_types,
-            list((hour(c.ts) // {hours_per_bucket} + 1)::TINYINT {order}) AS tod,
-            list(coalesce(d.token, 0)::SMALLINT {order}) AS devices,
-            list(coalesce(s.token, 0)::SMALLINT {order}) AS segments,
-            list(epoch(c.ts)::BIGINT {order}) AS ts
+            list({{'t': v.token,
+                  'et': (CASE c.event_type {event_case} ELSE 0 END)::TINYINT,
+                  'tod': (hour(c.ts) // {hours_per_bucket} + 1)::TINYINT,
+                  'd': coalesce(d.token, 0)::SMALLINT,
+                  's': coalesce(s.token, 0)::SMALLINT,
+                  'ts': epoch(c.ts)::BIGINT}} ORDER BY c.ts, c.event_id) AS e
           FROM "{cleaned_table}" c
           JOIN "{vocab_table}" v ON v.item_id = c.item_id AND NOT v.is_special
           LEFT JOIN "{context_table}" d ON d.kind = 'device' AND d.value = c.device
           LEFT JOIN "{context_table}" s ON s.kind = 'segment' AND s.value = c.segment
           GROUP BY c.user_id
+        ),
+        seq AS (
+          SELECT user_id,
+            list_transform(e, lambda x: x.t) AS tokens,
+            list_transform(e, lambda x: x.et) AS event_types,
+            list_transform(e, lambda x: x.tod) AS tod,
+            list_transform(e, lambda x: x.d) AS devices,
+            list_transform(e, lambda x: x.s) AS segments,
+            list_transform(e, lambda x: x.ts) AS ts
+          FROM events
         )
         SELECT user_id, tokens, event_types, tod, devices, segments, ts,
           len(tokens)::INTEGER AS n_items,
