@@ -93,7 +93,7 @@ def onnx_model(
     model, model_config = load_model(model_dir)
     data, available = _validation_data(tokenized_sequences, model_config.vocab_size, config.parity_sequences)
     contexts = model_contexts(model_config, available)
-    out_dir = models_dir() / "onnx" / context.run_id
+    out_dir = models_dir() / "onnx" / context.run.run_id
     report = export_onnx(model, model_config, out_dir / "model.onnx", contexts=contexts, top_k=config.top_k)
     context.log.info(f"exported {report.bytes / 1e6:.1f} MB in {report.seconds:.1f}s, inputs {report.inputs}")
 
@@ -138,7 +138,7 @@ def onnx_model(
         raise RuntimeError(f"ONNX parity check failed: {parity.model_dump()}")
     return {
         "path": report.path,
-        "run_id": context.run_id,
+        "run_id": context.run.run_id,
         "model_dir": str(model_dir),
         "config": model_config.model_dump(),
         "export": report.model_dump(),
@@ -181,7 +181,7 @@ def tensorrt_engine(
     if not ok:
         context.log.warning(f"TensorRT engine NOT built: {why}. Serving uses ONNX Runtime.")
         context.add_output_metadata({"built": False, "reason": why})
-        return {"built": False, "reason": why, "path": None, "run_id": context.run_id}
+        return {"built": False, "reason": why, "path": None, "run_id": context.run.run_id}
     max_len = int(onnx_model["config"]["max_len"])
     profiles = default_profiles(max_len, config.max_exclude)
     plan = Path(onnx_model["path"]).with_name("model.plan")
@@ -211,7 +211,7 @@ def tensorrt_engine(
         "path": str(plan),
         "engine": engine.model_dump(),
         "parity": parity.model_dump(),
-        "run_id": context.run_id,
+        "run_id": context.run.run_id,
     }
 
 
@@ -331,7 +331,7 @@ def model_bundle(
         "promoted": promoted,
         "current": current_version(root),
         "gate": decision.model_dump(),
-        "run_id": context.run_id,
+        "run_id": context.run.run_id,
     }
 
 
@@ -421,7 +421,7 @@ def bento(context: AssetExecutionContext, config: BentoConfig, model_bundle: dic
         "bentoml_home": home,
         "serve": serve,
         "containerize": containerize,
-        "run_id": context.run_id,
+        "run_id": context.run.run_id,
     }
 
 

@@ -1,0 +1,411 @@
+"""Sequences for BERT4Rec: loading, the leave-one-out fit split, and cloze batches.
+
+Every random choice of an epoch (order, masks, negatives) is drawn from a generator seeded by
+(seed, epoch[, batch]) so that any process can rebuild any batch from its position alone: that
+is what makes resumption exact and lets every DDP rank agree on the global batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Literal, Sequence
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from recsys_assets.data.schema import FIRST_ITEM_TOKEN, MASK_TOKEN, PAD_TOKEN
+
+FitOption = Literal["train", "train+valid"]
+CONTEXT_FIELDS: tuple[str, ...] = ("tod", "devices", "segments", "event_types")
+# Context that describes the request (known when asking for a recommendation) stays on a masked
+# position; the event type is the outcome of the interaction itself, so it is hidden with the item.
+REQUEST_CONTEXT: tuple[str, ...] = ("tod", "devices", "segments")
+
+
+@dataclass
+class EvalSet:
+    """Inputs (history, contexts incl. the request context), targets and full histories."""
+
+    inputs: list[np.ndarray]
+    contexts: dict[str, list[np.ndarray]]
+    targets: np.ndarray
+    histories: list[np.ndarray]
+    users: np.ndarray  # row index in SequenceData
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+
+@dataclass
+class FitSplit:
+    """What a model may learn from (``sequences``) and what it is judged on."""
+
+    fit: FitOption
+    sequences: list[np.ndarray]
+    contexts: dict[str, list[np.ndarray]]
+    valid: EvalSet | None
+    test: EvalSet
+    item_counts: np.ndarray  # interactions per token in the fit data (popularity negatives)
+
+
+@dataclass
+class SequenceData:
+    """Per-user chronological item tokens (and optional per-position context tokens)."""
+
+    user_ids: list[str]
+    tokens: list[np.ndarray]
+    vocab_size: int
+    contexts: dict[str, list[np.ndarray]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if len(self.user_ids) != len(self.tokens):
+            raise ValueError(f"{len(self.user_ids)} user ids but {len(self.tokens)} token lists")
+        for name, values in self.contexts.items():
+            if name not in CONTEXT_FIELDS:
+                raise ValueError(f"unknown context field {name!r}; expected one of {CONTEXT_FIELDS}")
+            if len(values) != len(self.tokens):
+                raise ValueError(f"context {name!r} has {len(values)} rows, tokens has {len(self.tokens)}")
+            for i, (ctx, tok) in enumerate(zip(values, self.tokens)):
+                if len(ctx) != len(tok):
+                    raise ValueError(
+                        f"user {self.user_ids[i]!r}: context {name!r} has {len(ctx)} positions, tokens {len(tok)}"
+                    )
+        for i, tok in enumerate(self.tokens):
+            if len(tok) == 0:
+                raise ValueError(f"user {self.user_ids[i]!r} has an empty sequence")
+            if tok.min() < FIRST_ITEM_TOKEN or tok.max() >= self.vocab_size:
+                raise ValueError(
+                    f"user {self.user_ids[i]!r}: tokens must be item tokens in [{FIRST_ITEM_TOKEN}, "
+                    f"{self.vocab_size}); got min {tok.min()} max {tok.max()}"
+                )
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def context_sizes(self) -> dict[str, int]:
+        """Embedding table size per context field (max token + 1, at least 1)."""
+        return {
+            name: max(1, max((int(v.max()) for v in values if len(v)), default=0) + 1)
+            for name, values in self.contexts.items()
+        }
+
+    @classmethod
+    def from_sasrec_txt(cls, path: str | Path) -> "SequenceData":
+        """``user item1 item2 ...`` per line, time ordered, items 1-based: item k -> token k+1."""
+        user_ids: list[str] = []
+        tokens: list[np.ndarray] = []
+        with open(path) as handle:
+            for line_no, line in enumerate(handle, 1):
+                parts = line.split()
+                if not parts:
+                    continue
+                if len(parts) < 2:
+                    raise ValueError(f"{path}:{line_no}: expected 'user item1 item2 ...', got {line.strip()!r}")
+                try:
+                    items = np.asarray([int(p) for p in parts[1:]], dtype=np.int64)
+                except ValueError as exc:
+                    raise ValueError(f"{path}:{line_no}: non-integer item id ({exc})") from None
+                if items.min() < 1:
+                    raise ValueError(f"{path}:{line_no}: item ids must start at 1")
+                user_ids.append(parts[0])
+                tokens.append(items + (FIRST_ITEM_TOKEN - 1))
+        if not tokens:
+            raise ValueError(f"{path} holds no sequences")
+        vocab = int(max(t.max() for t in tokens)) + 1
+        return cls(user_ids=user_ids, tokens=tokens, vocab_size=vocab)
+
+    @classmethod
+    def from_duckdb(
+        cls,
+        database: str | Path,
+        table: str = "tokenized_sequences",
+        vocab_table: str | None = "item_vocabulary",
+    ) -> "SequenceData":
+        """Rows of ``tokenized_sequences`` (docs/DATA_CONTRACTS.md). The vocabulary size comes from
+        ``vocab_table`` when it exists (so never-seen items still get a row), else max token + 1."""
+        import duckdb
+
+        with duckdb.connect(str(database), read_only=True) as con:
+            tables = {r[0] for r in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
+            if table not in tables:
+                raise FileNotFoundError(f"table {table!r} is not in {database}")
+            columns = {r[0] for r in con.execute(f'DESCRIBE "{table}"').fetchall()}
+            missing = {"user_id", "tokens"} - columns
+            if missing:
+                raise ValueError(f"table {table!r} lacks column(s) {sorted(missing)}")
+            ctx_cols = [c for c in CONTEXT_FIELDS if c in columns]
+            check_cols = [c for c in ("valid_item", "test_item") if c in columns]
+            select = ", ".join(f'"{c}"' for c in ["user_id", "tokens", *ctx_cols, *check_cols])
+            frame = con.sql(f'SELECT {select} FROM "{table}" ORDER BY user_id').to_arrow_table()
+            vocab_size = None
+            if vocab_table and vocab_table in tables:
+                vocab_size = int(con.execute(f'SELECT max(token) FROM "{vocab_table}"').fetchone()[0]) + 1
+        user_ids = [str(u) for u in frame.column("user_id").to_pylist()]
+        tokens = _list_column(frame, "tokens")
+        contexts = {c: _list_column(frame, c) for c in ctx_cols}
+        for col, offset in (("valid_item", 2), ("test_item", 1)):
+            if col not in check_cols:
+                continue
+            for uid, tok, held in zip(user_ids, tokens, frame.column(col).to_pylist()):
+                expected = int(tok[-offset]) if len(tok) >= 3 else None
+                if held != expected:
+                    raise ValueError(f"user {uid!r}: {col}={held} disagrees with tokens[-{offset}]={expected}")
+        if vocab_size is None:
+            vocab_size = int(max((t.max() for t in tokens if len(t)), default=FIRST_ITEM_TOKEN)) + 1
+        keep = [i for i, t in enumerate(tokens) if len(t)]
+        return cls(
+            user_ids=[user_ids[i] for i in keep],
+            tokens=[tokens[i] for i in keep],
+            vocab_size=vocab_size,
+            contexts={c: [v[i] for i in keep] for c, v in contexts.items()},
+        )
+
+    def split(self, fit: FitOption) -> FitSplit:
+        """Leave-one-out split. ``train``: learn tokens[:-2], validate tokens[:-2] -> tokens[-2],
+        test tokens[:-1] -> tokens[-1]. ``train+valid``: learn tokens[:-1] (no validation set),
+        test tokens[:-1] -> tokens[-1]. Users with fewer than 3 items are never evaluated and are
+        learned from in full."""
+        if fit not in ("train", "train+valid"):
+            raise ValueError(f"fit must be 'train' or 'train+valid', got {fit!r}")
+        held_out = 2 if fit == "train" else 1
+        evaluated = np.asarray([i for i, t in enumerate(self.tokens) if len(t) >= 3], dtype=np.int64)
+        eval_mask = np.zeros(len(self.tokens), dtype=bool)
+        eval_mask[evaluated] = True
+        cut = [len(t) - held_out if eval_mask[i] else len(t) for i, t in enumerate(self.tokens)]
+        sequences = [t[:c] for t, c in zip(self.tokens, cut)]
+        contexts = {name: [v[:c] for v, c in zip(values, cut)] for name, values in self.contexts.items()}
+        counts = np.bincount(np.concatenate(sequences), minlength=self.vocab_size).astype(np.int64)
+        valid = self._eval_set(evaluated, offset=2) if fit == "train" else None
+        split = FitSplit(
+            fit=fit, sequences=sequences, contexts=contexts, valid=valid,
+            test=self._eval_set(evaluated, offset=1), item_counts=counts,
+        )
+        assert_no_leakage(self, split)
+        return split
+
+    def tuning_split(self) -> FitSplit:
+        """The protocol for choosing hyper-parameters and epochs without the test items: learn all
+        but the last three items, validate on the second-to-last with all but the last two as
+        input. As at test time, the latest input item is one the model never saw in that user's
+        training data (the contract's ``train`` validation feeds back exactly a training
+        sequence, which overstates how well a model that memorises sequences does at test).
+        Users with fewer than 4 items are learned from without their last item, never validated.
+        ``test`` is the validation set again: no test item is anywhere in this split."""
+        evaluated = np.asarray([i for i, t in enumerate(self.tokens) if len(t) >= 4], dtype=np.int64)
+        cut = [len(t) - 3 if len(t) >= 4 else len(t) - 1 for t in self.tokens]
+        keep = [i for i, c in enumerate(cut) if c > 0]
+        sequences = [self.tokens[i][: cut[i]] for i in keep]
+        contexts = {name: [values[i][: cut[i]] for i in keep] for name, values in self.contexts.items()}
+        counts = np.bincount(np.concatenate(sequences), minlength=self.vocab_size).astype(np.int64)
+        valid = self._eval_set(evaluated, offset=2)
+        return FitSplit(fit="train", sequences=sequences, contexts=contexts, valid=valid, test=valid, item_counts=counts)
+
+    def _eval_set(self, users: np.ndarray, offset: int) -> EvalSet:
+        """Target tokens[-offset]; input tokens[:-offset]; the request context is the target's."""
+        inputs = [self.tokens[u][:-offset] for u in users]
+        targets = np.asarray([self.tokens[u][-offset] for u in users], dtype=np.int64)
+        contexts = {}
+        for name, values in self.contexts.items():
+            ctx = [values[u][: len(values[u]) - offset + 1].copy() for u in users]
+            if name not in REQUEST_CONTEXT:
+                for c in ctx:
+                    c[-1] = 0
+            contexts[name] = ctx
+        return EvalSet(inputs=inputs, contexts=contexts, targets=targets, histories=inputs, users=users)
+
+
+def assert_no_leakage(data: SequenceData, split: FitSplit) -> None:
+    """Raises if a held-out position (valid for ``train``, test always) is in the fit data."""
+    held_out = 2 if split.fit == "train" else 1
+    for i, (full, seq) in enumerate(zip(data.tokens, split.sequences)):
+        if len(full) >= 3 and len(seq) > len(full) - held_out:
+            raise AssertionError(f"user {data.user_ids[i]!r}: fit data reaches a held-out position")
+        if not np.array_equal(seq, full[: len(seq)]):
+            raise AssertionError(f"user {data.user_ids[i]!r}: fit data is not a prefix of the history")
+
+
+def _list_column(frame: object, name: str) -> list[np.ndarray]:
+    """An Arrow list column as one int64 array per row, without a Python loop over values."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    col = frame.column(name).combine_chunks()  # type: ignore[attr-defined]
+    if col.null_count:
+        col = pc.fill_null(col, pa.scalar([], type=col.type))
+    offsets = col.offsets.to_numpy()
+    flat = col.flatten().fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
+    return [flat[offsets[i] : offsets[i + 1]] for i in range(len(col))]
+
+
+# --------------------------------------------------------------------------- batches
+
+
+class BatchingConfig(BaseModel):
+    """How training examples are cut from the fit sequences and grouped into batches."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    batch_size: int = Field(128, ge=1, description="global batch (all DDP ranks together)")
+    windows: Literal["last", "prefixes"] = Field(
+        "prefixes",
+        description="last: one window per user (its latest max_len items); prefixes: one window per "
+        "position, ending with that position masked, so every transition is a next-item example",
+    )
+    mask_prob: float = Field(0.2, ge=0.0, le=1.0, description="cloze masking of the other positions")
+    mask_last_prob: float = Field(
+        0.5, ge=0.0, le=1.0, description="windows=last: share of windows whose last position is masked"
+    )
+    window_fraction: float = Field(
+        1.0, gt=0.0, le=1.0,
+        description="share of the windows drawn (without replacement) each epoch; < 1 makes epochs cheaper "
+        "on long histories while every window still comes up over the epochs",
+    )
+    train_max_len: int | None = Field(
+        None, ge=2, description="longest training window (default: the model's max_len); shorter is faster"
+    )
+    bucket_batches: int = Field(
+        64, ge=1, description="length bucketing: sort pools of this many batches by length (1 = off)"
+    )
+
+
+@dataclass
+class Batch:
+    tokens: torch.Tensor  # [b, L] left-padded input with [MASK] where masked
+    labels: torch.Tensor  # [b, L] target token at masked positions, 0 elsewhere
+    contexts: dict[str, torch.Tensor]
+    n_targets_global: int  # masked positions in the whole global batch (for an exact mean)
+
+
+class ExampleIndex:
+    """The training windows of a fit split as (sequence, end) pairs; end is exclusive."""
+
+    def __init__(self, sequences: Sequence[np.ndarray], cfg: BatchingConfig, max_len: int) -> None:
+        self.cfg = cfg
+        self.max_len = min(cfg.train_max_len or max_len, max_len)
+        lengths = np.asarray([len(s) for s in sequences], dtype=np.int64)
+        if cfg.windows == "last":
+            seq_idx = np.arange(len(sequences), dtype=np.int64)
+            ends = lengths.copy()
+        else:
+            # one window per position >= 1 (a position-0 window would have no history at all);
+            # sequences of length 1 still give one window (their only item, cloze only)
+            reps = np.maximum(lengths - 1, 1)
+            seq_idx = np.repeat(np.arange(len(sequences), dtype=np.int64), reps)
+            starts = np.cumsum(reps) - reps
+            ends = np.arange(len(seq_idx), dtype=np.int64) - np.repeat(starts, reps) + 2
+            ends = np.minimum(ends, np.repeat(lengths, reps))
+        self.seq_idx = seq_idx
+        self.ends = ends
+        # window length: history (max_len - 1 items before the last) capped by what exists
+        self.window_len = np.minimum(ends, self.max_len)
+
+    def __len__(self) -> int:
+        return len(self.seq_idx)
+
+    def examples_per_epoch(self) -> int:
+        if self.cfg.window_fraction >= 1.0:
+            return len(self)
+        return max(1, int(round(self.cfg.window_fraction * len(self))))
+
+    def epoch_batches(self, seed: int, epoch: int) -> list[np.ndarray]:
+        """The global batches of an epoch (example ids), same on every process."""
+        rng = np.random.default_rng([seed, epoch, 0])
+        order = rng.permutation(len(self))
+        if self.cfg.window_fraction < 1.0:
+            order = order[: max(1, int(round(self.cfg.window_fraction * len(order))))]
+        bs = self.cfg.batch_size
+        pool = bs * self.cfg.bucket_batches
+        if self.cfg.bucket_batches > 1:
+            # sort each pool of shuffled examples by length: batches hold similar lengths, so
+            # dynamic padding wastes little, yet batch contents still change every epoch
+            chunks = [order[i : i + pool] for i in range(0, len(order), pool)]
+            order = np.concatenate([c[np.argsort(self.window_len[c], kind="stable")] for c in chunks])
+        batches = [order[i : i + bs] for i in range(0, len(order), bs)]
+        perm = rng.permutation(len(batches))
+        return [batches[i] for i in perm]
+
+
+class BatchBuilder:
+    """Turns example ids into masked, left-padded tensors (a rank's share of a global batch)."""
+
+    def __init__(
+        self,
+        sequences: Sequence[np.ndarray],
+        contexts: dict[str, Sequence[np.ndarray]],
+        index: ExampleIndex,
+        seed: int,
+    ) -> None:
+        self.sequences = sequences
+        self.contexts = contexts
+        self.index = index
+        self.seed = seed
+
+    def build(self, example_ids: np.ndarray, epoch: int, step_in_epoch: int, rank: int = 0, world: int = 1) -> Batch:
+        cfg = self.index.cfg
+        rng = np.random.default_rng([self.seed, epoch, 1, step_in_epoch])
+        n = len(example_ids)
+        lens = self.index.window_len[example_ids]
+        width = int(lens.max())
+        # the masks of the whole global batch are drawn on every rank so that all agree on them
+        u = rng.random((n, width))
+        pos = np.arange(width)[None, :]
+        valid = pos >= (width - lens)[:, None]  # left padding
+        masked = valid & (u < cfg.mask_prob)
+        last_masked = (
+            np.ones(n, dtype=bool) if cfg.windows == "prefixes" else rng.random(n) < cfg.mask_last_prob
+        )
+        masked[:, -1] |= last_masked
+        # every window needs a target: the last position if nothing else was drawn
+        empty = ~masked.any(axis=1)
+        masked[empty, -1] = True
+        n_targets_global = int(masked.sum())
+
+        mine = np.arange(rank, n, world)
+        ids = example_ids[mine]
+        lens_m = lens[mine]
+        width_m = int(lens_m.max()) if len(ids) else 1
+        tokens = np.zeros((len(ids), width_m), dtype=np.int64)
+        labels = np.zeros((len(ids), width_m), dtype=np.int64)
+        ctx = {name: np.zeros((len(ids), width_m), dtype=np.int64) for name in self.contexts}
+        for row, (ex, ln) in enumerate(zip(ids, lens_m)):
+            s = self.index.seq_idx[ex]
+            end = self.index.ends[ex]
+            window = self.sequences[s][end - ln : end]
+            m = masked[mine[row], width - ln :]
+            tokens[row, width_m - ln :] = np.where(m, MASK_TOKEN, window)
+            labels[row, width_m - ln :] = np.where(m, window, PAD_TOKEN)
+            for name, values in self.contexts.items():
+                c = values[s][end - ln : end]
+                if name not in REQUEST_CONTEXT:
+                    c = np.where(m, 0, c)
+                ctx[name][row, width_m - ln :] = c
+        return Batch(
+            tokens=torch.from_numpy(tokens),
+            labels=torch.from_numpy(labels),
+            contexts={k: torch.from_numpy(v) for k, v in ctx.items()},
+            n_targets_global=n_targets_global,
+        )
+
+
+def eval_batches(
+    eval_set: EvalSet, max_len: int, batch_size: int
+) -> Iterator[tuple[np.ndarray, torch.Tensor, dict[str, torch.Tensor]]]:
+    """Inference inputs: the latest max_len-1 history items, right-aligned, then [MASK]."""
+    hist = max_len - 1
+    order = np.argsort([min(len(x), hist) for x in eval_set.inputs], kind="stable")
+    for start in range(0, len(order), batch_size):
+        rows = order[start : start + batch_size]
+        width = min(max(len(eval_set.inputs[r]) for r in rows), hist) + 1
+        tokens = np.zeros((len(rows), width), dtype=np.int64)
+        ctx = {name: np.zeros((len(rows), width), dtype=np.int64) for name in eval_set.contexts}
+        for i, r in enumerate(rows):
+            h = eval_set.inputs[r][-hist:]
+            tokens[i, width - 1 - len(h) : width - 1] = h
+            tokens[i, -1] = MASK_TOKEN
+            for name, values in eval_set.contexts.items():
+                c = values[r][-(len(h) + 1) :]
+                ctx[name][i, width - len(c) :] = c
+        yield rows, torch.from_numpy(tokens), {k: torch.from_numpy(v) for k, v in ctx.items()}
+

@@ -1,0 +1,102 @@
+"""Named configurations: the client's default, the synthetic data of ``make run``, public datasets.
+
+A preset fixes the shape of the network and the training knobs; the vocabulary and context
+sizes always come from the data. Overrides are applied on top (dotted keys for nested fields).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+from recsys_assets.bert4rec.model import BERT4RecConfig
+from recsys_assets.bert4rec.train import TrainConfig
+
+
+class Preset(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    description: str
+    model: dict[str, Any]
+    train: dict[str, Any]
+
+
+PRESETS: dict[str, Preset] = {
+    p.name: p
+    for p in [
+        Preset(
+            name="default",
+            description="The client's default network (hidden 256, 4 layers, 8 heads, length 50).",
+            model={"hidden": 256, "layers": 4, "heads": 8, "max_len": 50, "dropout": 0.1},
+            train={"epochs": 50, "lr": 1e-3, "batching": {"batch_size": 128, "windows": "prefixes", "mask_prob": 0.2}},
+        ),
+        Preset(
+            name="synthetic",
+            description="Small and fast: the generated data of `make run` (a few minutes on 2 cores).",
+            model={"hidden": 64, "layers": 2, "heads": 2, "max_len": 30, "dropout": 0.1},
+            train={
+                "epochs": 8,
+                "lr": 2e-3,
+                "patience": 3,
+                "batching": {"batch_size": 256, "windows": "prefixes", "mask_prob": 0.15, "train_max_len": 20},
+            },
+        ),
+        Preset(
+            name="beauty",
+            description="Amazon Beauty (22k users, 12k items, median length 6): see benchmarks/quality_beauty.py.",
+            model={"hidden": 64, "layers": 2, "heads": 2, "max_len": 50, "dropout": 0.3},
+            train={
+                "epochs": 40,
+                "lr": 1e-3,
+                "patience": 5,
+                "batching": {"batch_size": 256, "windows": "prefixes", "mask_prob": 0.2},
+            },
+        ),
+    ]
+}
+
+
+def get_preset(name: str) -> Preset:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}") from None
+
+
+def build_configs(
+    preset: str | Preset,
+    vocab_size: int,
+    context_sizes: dict[str, int] | None = None,
+    model_overrides: dict[str, Any] | None = None,
+    train_overrides: dict[str, Any] | None = None,
+) -> tuple[BERT4RecConfig, TrainConfig]:
+    """Preset + data sizes + overrides -> validated configs. ``context_sizes`` uses the data's
+    field names (tod, devices, segments, event_types)."""
+    p = get_preset(preset) if isinstance(preset, str) else preset
+    model = copy.deepcopy(p.model)
+    sizes = context_sizes or {}
+    names = {"tod": "n_tod", "devices": "n_devices", "segments": "n_segments", "event_types": "n_event_types"}
+    for field, size in sizes.items():
+        key = names[field]
+        default = BERT4RecConfig.model_fields[key].default
+        model[key] = max(size, default if isinstance(default, int) else 1)
+    model["vocab_size"] = vocab_size
+    model = _merge(model, model_overrides or {})
+    train = _merge(copy.deepcopy(p.train), train_overrides or {})
+    return BERT4RecConfig.model_validate(model), TrainConfig.model_validate(train)
+
+
+def _merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """Deep-merges nested dicts; a key ``a.b`` sets ``base['a']['b']``."""
+    for key, value in overrides.items():
+        if "." in key:
+            head, rest = key.split(".", 1)
+            base[head] = _merge(dict(base.get(head) or {}), {rest: value})
+        elif isinstance(value, dict) and isinstance(base.get(key), dict):
+            base[key] = _merge(dict(base[key]), value)
+        else:
+            base[key] = value
+    return base
