@@ -389,7 +389,11 @@ def bento(context: AssetExecutionContext, config: BentoConfig, model_bundle: dic
     root = bundles_dir()
     version = current_version(root)
     if version is None:
-        raise RuntimeError(f"no promoted bundle in {root}: the gate has never passed (see model_bundle)")
+        # Like tensorrt_engine without a GPU: say why nothing was built instead of failing the retrain.
+        why = f"no promoted bundle in {root}: the evaluation gate has never passed (see model_bundle)"
+        context.log.warning(why)
+        context.add_output_metadata({"built": False, "reason": why})
+        return {"built": False, "reason": why, "tag": None, "run_id": context.run.run_id}
     if version != model_bundle["version"]:
         context.log.warning(f"this run's bundle {model_bundle['version']} was not promoted; building {version}")
     bundle_dir = root / version

@@ -131,7 +131,7 @@ def bert4rec_model(
     model_cfg, train_cfg = build_configs(
         config.preset, data.vocab_size, context_sizes(context_vocabulary), model_over, train_over
     )
-    run_id = config.run_id or context.run_id
+    run_id = config.run_id or context.run.run_id
     out = models_dir() / run_id
     context.log.info(
         f"training {len(data)} sequences, vocab {data.vocab_size}, fit={train_cfg.fit} -> {out}\n"
