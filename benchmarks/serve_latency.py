@@ -5,15 +5,23 @@
    random weights (same shapes, so the same latency; the output says which). Every Beauty user's
    history goes through the real feature pipeline (cleaned_interactions -> user_sequence_features ->
    feast apply -> materialize_latest) into the SQLite online store.
-2. `bentoml serve` on 127.0.0.1, driven by an asyncio load generator for `--duration` seconds at each
-   `--concurrency` (random Beauty users, k=10): client-side p50/p95/p99, requests/s, errors, fallbacks.
-   The answer cache is disabled by default (`--cache-ttl 0.001`) so every request pays the feature
-   store read and the model: the uncached worst case.
+2. `bentoml serve` on 127.0.0.1, driven for `--duration` seconds at each `--concurrency` (closed
+   loop, random Beauty users, k=10): client-side p50/p95/p99, requests/s, errors, answers by reason,
+   and the CPU time per request of the server (all its processes) and of the load generator. The
+   load generator is `wrk` with a Lua script when it is on PATH (Debian: `apt-get install wrk`; about
+   0.05 ms of CPU per request), else an asyncio httpx client (2-4 ms per request: on a 2-core
+   machine it takes CPU from the server, so throughput is then understated). The answer cache is
+   off by default (`--cache-ttl 0.001`): every request pays the feature store read and the model;
+   `--cached-concurrency` adds runs with the cache on (30 s TTL) for comparison.
 3. The same for a 2,000,000-item catalogue (random weights, same network; Beauty users' item ids
-   exist in it), and ONNX Runtime vs PyTorch eager at batch 1 for both.
+   exist in it), once per `--large-item-tables` (fp32: exact scoring of every item; int8/int4: the
+   quantized two-stage ranking head, whose recall@10 against fp32 PyTorch is measured on Beauty
+   validation sequences), and ONNX Runtime vs PyTorch eager at batch 1 for both catalogues.
 
 Goals on 2 cores: p99 <= 10 ms at concurrency 1 with 12k items, >= 300 req/s at concurrency 32,
-p99 <= 70 ms with 2M items, ORT >= 2x PyTorch eager. The load generator runs on the same cores.
+p99 <= 70 ms with 2M items, ORT >= 2x PyTorch eager. The load generator runs on the same cores, as
+does whatever else the machine runs: the load average is recorded with every run, and the CPU time
+per request is the figure that does not depend on it (2 cores / it bounds the req/s).
 
     python benchmarks/serve_latency.py --duration 60 --out .recsys/reports/serve_latency.json
 """
@@ -25,6 +33,8 @@ import asyncio
 import json
 import os
 import random
+import re
+import resource
 import shutil
 import signal
 import socket
@@ -55,7 +65,12 @@ from recsys_assets.data.user_features import (  # noqa: E402
     materialize_latest,
 )
 from recsys_assets.export.bundle import export_bundle  # noqa: E402
-from recsys_assets.export.onnx_export import batch1_latency  # noqa: E402
+from recsys_assets.export.onnx_export import (  # noqa: E402
+    ItemTable,
+    batch1_latency,
+    quantized_ranking_check,
+    validation_batches,
+)
 from recsys_serving.feature_client import load_feature_store  # noqa: E402
 
 BEAUTY = REPO.parent / "shared" / "data" / "amazon_beauty" / "Beauty.txt"
@@ -105,24 +120,26 @@ def beauty_documents(data: SequenceData, n_items: int) -> tuple[dict[str, Any], 
 
 
 def build_bundle(root: Path, work: Path, model: BERT4Rec, config: BERT4RecConfig, data: SequenceData,
-                 version: str) -> Path:
+                 version: str, item_table: ItemTable = "fp32") -> Path:
     vocabulary, popularity = beauty_documents(data, config.vocab_size - 2)
     work.mkdir(parents=True, exist_ok=True)
-    info = export_bundle(root, model, config, vocabulary, popularity, work, contexts=[], version=version)
+    info = export_bundle(root, model, config, vocabulary, popularity, work, contexts=[], version=version,
+                         item_table=item_table)
     return Path(info.path)
 
 
 class Server:
-    def __init__(self, home: Path, bundle: Path, env: dict[str, str]) -> None:
+    def __init__(self, home: Path, bundle: Path, env: dict[str, str], tag: str, root: Path = REPO) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.log = home / f"server-{bundle.name}.log"
+        self.log = home / f"server-{bundle.name}-{tag}.log"
+        # one BENTOML_HOME per server: its Prometheus multiprocess files must not mix with another's
         full = {**os.environ, "RECSYS_HOME": str(home), "RECSYS_BUNDLE": str(bundle),
-                "BENTOML_HOME": str(home / f"bentoml-{bundle.name}"), "BENTOML_DO_NOT_TRACK": "True", **env}
+                "BENTOML_HOME": str(home / f"bentoml-{bundle.name}-{tag}"), "BENTOML_DO_NOT_TRACK": "True", **env}
         cmd = [sys.executable, "-m", "bentoml", "serve", "recsys_serving.service:RecommenderService",
                "--host", "127.0.0.1", "--port", str(self.port)]
         with open(self.log, "w") as log:
-            self.proc = subprocess.Popen(cmd, env=full, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+            self.proc = subprocess.Popen(cmd, env=full, cwd=root, stdout=log, stderr=subprocess.STDOUT,
                                          start_new_session=True)
 
     def wait_ready(self, timeout: float = 600) -> None:
@@ -159,7 +176,28 @@ class Server:
                 os.killpg(self.proc.pid, signal.SIGKILL)
 
 
-async def drive(url: str, users: list[str], concurrency: int, duration: float, seed: int) -> dict[str, Any]:
+def _summary(concurrency: int, elapsed: float, ms: list[float], client_cpu_s: float, errors: dict[str, int],
+             reasons: dict[str, int], client: str) -> dict[str, Any]:
+    ms = sorted(ms)
+    q = statistics.quantiles(ms, n=100, method="inclusive") if len(ms) > 1 else [ms[0] if ms else 0.0] * 99
+    return {
+        "client": client,
+        "concurrency": concurrency,
+        "seconds": round(elapsed, 1),
+        "requests": len(ms),
+        "requests_per_s": round(len(ms) / elapsed, 1),
+        "p50_ms": round(q[49], 2),
+        "p95_ms": round(q[94], 2),
+        "p99_ms": round(q[98], 2),
+        "max_ms": round(ms[-1], 2) if ms else None,
+        "client_cpu_ms_per_request": round(1000 * client_cpu_s / max(1, len(ms)), 3),
+        "errors": sum(errors.values()),
+        "error_kinds": errors,
+        "answers_by_reason": reasons,
+    }
+
+
+async def drive_httpx(url: str, users: list[str], concurrency: int, duration: float, seed: int) -> dict[str, Any]:
     """`concurrency` closed-loop clients for `duration` seconds; client-side latency of each request."""
     rng = random.Random(seed)
     latencies: list[float] = []
@@ -189,49 +227,160 @@ async def drive(url: str, users: list[str], concurrency: int, duration: float, s
         started, cpu_started = time.perf_counter(), time.process_time()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         elapsed, client_cpu = time.perf_counter() - started, time.process_time() - cpu_started
-    ms = sorted(1000 * x for x in latencies)
-    q = statistics.quantiles(ms, n=100, method="inclusive") if len(ms) > 1 else [ms[0]] * 99
+    return _summary(concurrency, elapsed, [1000 * x for x in latencies], client_cpu, dict(errors), dict(reasons),
+                    "httpx")
+
+
+# wrk: POST /recommend for a random user per request; answers counted by `reason` in every thread's
+# Lua state and summed in done(); one machine-readable line with wrk's own latency percentiles.
+WRK_SCRIPT = r"""
+counts = {}
+local users, threads = {}, {}
+function setup(thread) table.insert(threads, thread) end
+function init(args)
+  for line in io.lines(args[1]) do users[#users + 1] = line end
+  math.randomseed(tonumber(args[2]))
+  wrk.method = "POST"
+  wrk.headers["Content-Type"] = "application/json"
+end
+function request()
+  return wrk.format(nil, "/recommend", nil, '{"user_id":"' .. users[math.random(#users)] .. '","k":10}')
+end
+function response(status, headers, body)
+  local reason = status == 200 and body:match('"reason":"([%w_]+)"') or ("http_" .. status)
+  counts[reason] = (counts[reason] or 0) + 1
+end
+function done(summary, latency, requests)
+  local total, parts = {}, {}
+  for _, t in ipairs(threads) do
+    for k, v in pairs(t:get("counts")) do total[k] = (total[k] or 0) + v end
+  end
+  for k, v in pairs(total) do parts[#parts + 1] = string.format('"%s":%d', k, v) end
+  local e = summary.errors
+  io.write(string.format(
+    'WRK_RESULT {"requests":%d,"duration_us":%d,"connect":%d,"read":%d,"write":%d,"timeout":%d,' ..
+    '"p50_us":%d,"p95_us":%d,"p99_us":%d,"max_us":%d,"reasons":{%s}}\n',
+    summary.requests, summary.duration, e.connect, e.read, e.write, e.timeout,
+    latency:percentile(50), latency:percentile(95), latency:percentile(99), latency.max, table.concat(parts, ",")))
+end
+"""
+
+
+def drive_wrk(url: str, users_file: Path, script: Path, concurrency: int, duration: float, seed: int) -> dict[str, Any]:
+    """wrk (C, event loop, one thread): the load generator's CPU stays out of the server's way."""
+
+    def run(seconds: float) -> tuple[dict[str, Any], float]:
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        out = subprocess.run(
+            ["wrk", "-t1", f"-c{concurrency}", f"-d{seconds:g}s", "--timeout", "10s", "-s", str(script), url,
+             "--", str(users_file), str(seed)],
+            capture_output=True, text=True, check=True,
+        )
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        line = re.search(r"^WRK_RESULT (.*)$", out.stdout, re.M)
+        if line is None:
+            raise RuntimeError(f"wrk printed no result: {out.stdout[-2000:]} {out.stderr[-2000:]}")
+        cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+        return json.loads(line.group(1)), cpu
+
+    run(2.0)  # warm-up (connections, first inferences)
+    raw, cpu = run(duration)
+    errors = {k: raw[k] for k in ("connect", "read", "write", "timeout") if raw[k]}
+    errors.update({k: v for k, v in raw["reasons"].items() if k.startswith("http_")})
+    reasons = {k: v for k, v in raw["reasons"].items() if not k.startswith("http_")}
+    n = raw["requests"]
+    result = _summary(concurrency, raw["duration_us"] / 1e6, [], cpu, errors, reasons, "wrk")
+    result.update(  # wrk's own percentiles (its histogram holds every request; microsecond resolution)
+        requests=n, requests_per_s=round(n / (raw["duration_us"] / 1e6), 1),
+        p50_ms=raw["p50_us"] / 1000, p95_ms=raw["p95_us"] / 1000, p99_ms=raw["p99_us"] / 1000,
+        max_ms=raw["max_us"] / 1000, client_cpu_ms_per_request=round(1000 * cpu / max(1, n), 3),
+    )
+    return result
+
+
+def server_env(args: argparse.Namespace, cache_ttl: float) -> dict[str, str]:
+    return {"RECSYS_CACHE_TTL_S": str(cache_ttl), "RECSYS_MODEL_TIMEOUT_MS": str(args.model_timeout_ms),
+            "RECSYS_ORT_INTRA_THREADS": str(args.intra_threads), "RECSYS_WORKERS": str(args.workers),
+            "RECSYS_EXECUTION": args.execution}
+
+
+def latency_buckets(url: str) -> dict[float, float]:
+    """The service's own histogram of /recommend latency (ApiGuard entry to response): le -> count."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(url + "/metrics", timeout=10).text
     return {
-        "concurrency": concurrency,
-        "seconds": round(elapsed, 1),
-        "requests": len(ms),
-        "requests_per_s": round(len(ms) / elapsed, 1),
-        "p50_ms": round(q[49], 2),
-        "p95_ms": round(q[94], 2),
-        "p99_ms": round(q[98], 2),
-        "max_ms": round(ms[-1], 2),
-        "client_cpu_ms_per_request": round(1000 * client_cpu / max(1, len(ms)), 3),
-        "errors": sum(errors.values()),
-        "error_kinds": dict(errors),
-        "answers_by_reason": dict(reasons),
+        float(sample.labels["le"]): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "recsys_request_latency_seconds_bucket" and sample.labels.get("endpoint") == "recommend"
     }
 
 
+def bucket_quantile(q: float, before: dict[float, float], after: dict[float, float]) -> float | None:
+    """Prometheus' histogram_quantile over the requests of one run (linear within a bucket)."""
+    bounds = sorted(after)
+    counts = [after[b] - before.get(b, 0.0) for b in bounds]
+    if not counts or counts[-1] <= 0:
+        return None
+    rank = q * counts[-1]
+    for i, (bound, count) in enumerate(zip(bounds, counts)):
+        if count >= rank:
+            if bound == float("inf"):
+                return bounds[i - 1] if i else None
+            lower, below = (bounds[i - 1], counts[i - 1]) if i else (0.0, 0.0)
+            return lower + (bound - lower) * (rank - below) / max(count - below, 1e-9)
+    return None
+
+
+def measure(server: Server, name: str, concurrency: int, users: list[str], args: argparse.Namespace,
+            label: str) -> dict[str, Any]:
+    load_before = os.getloadavg()[0]
+    buckets_before = latency_buckets(server.url)
+    cpu_before = server.cpu_seconds()
+    if args.client == "wrk":
+        result = drive_wrk(server.url, args.users_file, args.wrk_script, concurrency, args.duration, args.seed)
+    else:
+        result = asyncio.run(drive_httpx(server.url, users, concurrency, args.duration, args.seed))
+    # CPU the server used per request: independent of what else runs on the machine, so
+    # 1000 * cores / server_cpu_ms_per_request bounds the req/s of dedicated cores.
+    result["server_cpu_ms_per_request"] = round(1000 * (server.cpu_seconds() - cpu_before) / max(1, result["requests"]), 3)
+    # What the service itself measured: client p99 minus this is time spent outside the handler
+    # (run queues of a busy machine, the load generator); the warm-up requests are included.
+    buckets_after = latency_buckets(server.url)
+    for q in (0.5, 0.99):
+        value = bucket_quantile(q, buckets_before, buckets_after)
+        result[f"server_p{int(q * 100)}_ms"] = round(1000 * value, 2) if value is not None else None
+    result["load_average_1m"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
+    result["run"] = label
+    print(f"[{name}] {json.dumps(result)}", flush=True)
+    return result
+
+
 def run_catalogue(name: str, home: Path, bundle: Path, users: list[str], args: argparse.Namespace) -> dict[str, Any]:
-    env = {"RECSYS_CACHE_TTL_S": str(args.cache_ttl), "RECSYS_MODEL_TIMEOUT_MS": str(args.model_timeout_ms),
-           "RECSYS_ORT_INTRA_THREADS": str(args.intra_threads)}
-    server = Server(home, bundle, env)
-    try:
-        started = time.perf_counter()
-        server.wait_ready()
-        ready_s = time.perf_counter() - started
-        runs = []
-        for c in args.concurrency:
-            cpu_before = server.cpu_seconds()
-            result = asyncio.run(drive(server.url, users, c, args.duration, args.seed))
-            # CPU the server used per request: independent of what else runs on the machine, so
-            # 1000 * cores / server_cpu_ms_per_request bounds the req/s of dedicated cores.
-            result["server_cpu_ms_per_request"] = round(
-                1000 * (server.cpu_seconds() - cpu_before) / max(1, result["requests"]), 3
-            )
-            print(f"[{name}] {json.dumps(result)}", flush=True)
-            runs.append(result)
-        metrics = httpx.get(server.url + "/metrics", timeout=10).text
-        ratio = [line for line in metrics.splitlines() if line.startswith("recsys_cache_hit_ratio")]
-    finally:
-        server.stop()
-    return {"catalogue": name, "bundle": str(bundle), "server_ready_s": round(ready_s, 1), "runs": runs,
-            "server_cache_hit_ratio": ratio[0].split()[-1] if ratio else None}
+    runs = []
+    cache_ratio = None
+    plans = [("uncached", args.cache_ttl, args.concurrency)]
+    if args.cached_concurrency:
+        plans.append(("cached", 30.0, args.cached_concurrency))
+    ready = []
+    for label, ttl, concurrencies in plans:
+        server = Server(home, bundle, server_env(args, ttl), tag=label, root=args.server_root)
+        try:
+            started = time.perf_counter()
+            server.wait_ready()
+            ready.append(round(time.perf_counter() - started, 1))
+            for c in concurrencies:
+                for _ in range(args.repeats):
+                    runs.append(measure(server, name, c, users, args, label))
+            if label == "cached":
+                metrics = httpx.get(server.url + "/metrics", timeout=10).text
+                ratio = [line for line in metrics.splitlines() if line.startswith("recsys_cache_hit_ratio")]
+                cache_ratio = ratio[0].split()[-1] if ratio else None
+        finally:
+            server.stop()
+    return {"catalogue": name, "bundle": str(bundle), "server_ready_s": ready, "runs": runs,
+            "server_env": server_env(args, args.cache_ttl), "cached_run_hit_ratio": cache_ratio}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -240,11 +389,25 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model-dir", type=Path, default=None, help="BERT4Rec trained on Beauty (save_model dir)")
     parser.add_argument("--duration", type=float, default=60.0)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--repeats", type=int, default=1, help="runs per concurrency (load varies: repeat)")
     parser.add_argument("--large-items", type=int, default=2_000_000)
+    parser.add_argument("--large-item-tables", nargs="+", default=["int8"], choices=["fp32", "int8", "int4"],
+                        help="2M catalogue: fp32 exact scoring and/or the quantized two-stage head")
     parser.add_argument("--skip-large", action="store_true")
+    parser.add_argument("--recall-sequences", type=int, default=1000,
+                        help="Beauty validation sequences for the quantized head's recall@10 check")
     parser.add_argument("--cache-ttl", type=float, default=0.001, help="answer cache TTL (s); tiny = uncached")
+    parser.add_argument("--cached-concurrency", type=int, nargs="*", default=[32],
+                        help="extra runs with the answer cache on (30 s TTL); none to skip")
     parser.add_argument("--model-timeout-ms", type=float, default=1000.0)
     parser.add_argument("--intra-threads", type=int, default=1)
+    parser.add_argument("--workers", type=int, default=2, help="RECSYS_WORKERS: one server process per core")
+    parser.add_argument("--execution", choices=["auto", "thread", "inline"], default="auto",
+                        help="RECSYS_EXECUTION (auto = inline with the SQLite store)")
+    parser.add_argument("--client", choices=["auto", "wrk", "httpx"], default="auto",
+                        help="load generator; auto = wrk when it is on PATH")
+    parser.add_argument("--server-root", type=Path, default=REPO,
+                        help="directory whose recsys_serving/ (and feature_repo/) is served: compare revisions")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--out", type=Path, default=None)
@@ -260,9 +423,19 @@ def main(argv: list[str] | None = None) -> None:
     home.mkdir(parents=True)
     os.environ["RECSYS_HOME"] = str(home)  # Feast paths and the bundles follow it
     data = SequenceData.from_sasrec_txt(args.beauty)
+    if args.client == "auto":
+        args.client = "wrk" if shutil.which("wrk") else "httpx"
+    elif args.client == "wrk" and not shutil.which("wrk"):
+        parser.error("--client wrk: wrk is not on PATH (Debian: apt-get install wrk)")
+    args.users_file = work / "users.txt"
+    args.users_file.write_text("\n".join(data.user_ids) + "\n")
+    args.wrk_script = work / "recommend.lua"
+    args.wrk_script.write_text(WRK_SCRIPT)
     report: dict[str, Any] = {"cpu_count": os.cpu_count(), "load_average_at_start": os.getloadavg(),
                               "duration_s": args.duration, "cache_ttl_s": args.cache_ttl,
-                              "ort_intra_threads": args.intra_threads}
+                              "ort_intra_threads": args.intra_threads, "workers": args.workers,
+                              "execution": args.execution, "client": args.client,
+                              "server_root": str(args.server_root)}
 
     if args.model_dir:
         model, config = load_model(args.model_dir)
@@ -293,13 +466,26 @@ def main(argv: list[str] | None = None) -> None:
         big = BERT4RecConfig(**{**config.model_dump(), "vocab_size": args.large_items + 2})
         torch.manual_seed(args.seed)
         big_model = BERT4Rec(big).eval()
-        t = time.perf_counter()
-        big_bundle = build_bundle(home / "bundles", work / "large", big_model, big, data, "large")
-        print(f"{args.large_items:,}-item bundle in {time.perf_counter() - t:.1f}s", flush=True)
-        report["large_batch1"] = [batch1_latency(big_model, big_bundle / "model.onnx", [], median_len, repeats=20,
-                                                 threads=1).model_dump()]
+        # small batches: PyTorch's reference scores are [batch, 2M] fp32
+        recall_batches = list(validation_batches(data, big.max_len, [], args.recall_sequences, batch_size=32))
+        report["large"] = {}
+        for table in args.large_item_tables:
+            t = time.perf_counter()
+            big_bundle = build_bundle(home / "bundles", work / f"large-{table}", big_model, big, data,
+                                      f"large-{table}", item_table=table)
+            entry: dict[str, Any] = {"item_table": table, "bundle_s": round(time.perf_counter() - t, 1)}
+            print(f"{args.large_items:,}-item {table} bundle in {entry['bundle_s']}s", flush=True)
+            entry["batch1"] = [batch1_latency(big_model, big_bundle / "model.onnx", [], median_len, repeats=20,
+                                              threads=1).model_dump()]
+            print(f"batch-1 ORT vs torch ({table}): {entry['batch1']}", flush=True)
+            if table != "fp32":
+                entry["recall_vs_fp32"] = quantized_ranking_check(
+                    big_model, big_bundle / "model.onnx", recall_batches).model_dump()
+                print(f"quantized head ({table}) vs fp32 PyTorch: {entry['recall_vs_fp32']}", flush=True)
+            entry.update(run_catalogue(f"random_{args.large_items}_{table}", home, big_bundle, users, args))
+            report["large"][table] = entry
+            shutil.rmtree(work / f"large-{table}", ignore_errors=True)  # the bundle keeps its own copy
         del big_model
-        report["large"] = run_catalogue(f"random_{args.large_items}", home, big_bundle, users, args)
     report["load_average_at_end"] = os.getloadavg()
     text = json.dumps(report, indent=2)
     print(text)

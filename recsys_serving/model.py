@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -25,6 +26,7 @@ from recsys_serving.bundle import (
 logger = logging.getLogger(__name__)
 
 HOURS_PER_TOD_BUCKET = 24 // TIME_OF_DAY_BUCKETS
+WARM_UP_RUNS = 3
 
 
 def tod_bucket(hour: int) -> int:
@@ -156,17 +158,24 @@ class OnnxRanker:
             )
         if self.input_names != list(spec.inputs):
             raise BundleRefused(bundle.path, f"graph inputs {self.input_names} differ from the manifest {spec.inputs}")
+        self.inference_ms = 0.0  # fastest warm-up inference, set by warm_up()
         self.warm_up()
 
     def warm_up(self) -> None:
-        """One real inference at load: a broken graph is refused before traffic arrives."""
+        """Real inferences at load: a broken graph is refused before traffic arrives, and the fastest
+        run's time (`inference_ms`) tells the service whether inference may block its event loop."""
         probe = History(item_ids=[self.vocabulary.item_id(FIRST_ITEM_TOKEN)])
         encoded = encode(probe, RequestContext(), self.vocabulary, self.max_len, self.input_names)
         assert encoded is not None
+        timings = []
         try:
-            scores, tokens = self.rank(encoded.feeds)
+            for _ in range(WARM_UP_RUNS):
+                started = time.perf_counter()
+                scores, tokens = self.rank(encoded.feeds)
+                timings.append(time.perf_counter() - started)
         except Exception as exc:
             raise BundleRefused(self.path, f"warm-up inference failed: {exc}") from exc
+        self.inference_ms = 1000 * min(timings)
         if tokens.shape != (self.top_k,) or not np.isfinite(scores[:1]).all():
             raise BundleRefused(self.path, f"warm-up returned shape {tokens.shape}, expected ({self.top_k},)")
 

@@ -21,7 +21,12 @@ from cachetools import TTLCache
 
 from recsys_serving.bundle import FIRST_ITEM_TOKEN, BundleRefused, LoadedBundle, Popularity, load_bundle, salvage_popularity
 from recsys_serving.event_log import EventLog, canonical_record
-from recsys_serving.feature_client import FeatureStoreClient, FeatureStoreUnavailable, UserSequence
+from recsys_serving.feature_client import (
+    FeatureStoreClient,
+    FeatureStoreUnavailable,
+    UserSequence,
+    resolve_online_store,
+)
 from recsys_serving.invalidation import SharedStamps
 from recsys_serving.metrics import ServiceMetrics
 from recsys_serving.model import History, OnnxRanker, RequestContext, encode, tod_bucket
@@ -43,6 +48,9 @@ logger = logging.getLogger("recsys_serving")
 # Reasons whose answer describes the user's state (cacheable); the others are transient outages.
 CACHEABLE_REASONS = {MODEL_REASON, FallbackReason.UNKNOWN_USER.value, FallbackReason.COLD_START.value}
 FEATURE_CLIENT_RETRY_S = 5.0
+# execution=auto runs inference inline only below this (warm-up) time: a longer run on the event loop
+# holds up every other request of the worker, invisibly to the model budget (they wait in the socket).
+INLINE_MAX_INFERENCE_MS = 5.0
 
 
 class EventLogUnavailable(RuntimeError):
@@ -88,6 +96,13 @@ class Recommender:
         self.popularity: Popularity | None = None
         self.degraded_reason: str | None = None
         self._load_bundle()
+        self.inline = self._resolve_inline(settings, self.ranker)
+        logger.info(
+            "%s execution (RECSYS_EXECUTION=%s, warm-up inference %s)",
+            "inline" if self.inline else "thread",
+            settings.execution,
+            f"{self.ranker.inference_ms:.2f} ms" if self.ranker else "none",
+        )
 
         self._feature_client_factory = feature_client_factory or (lambda: FeatureStoreClient(settings.feature_repo))
         self._feature_client: FeatureStoreClient | None = None
@@ -109,6 +124,18 @@ class Recommender:
         self._feature_limiter: anyio.CapacityLimiter | None = None
         self.event_log = EventLog(settings.resolved_event_log_dir())
         self._warm_up_feature_store()
+
+    @staticmethod
+    def _resolve_inline(settings: ServingSettings, ranker: OnnxRanker | None) -> bool:
+        """`execution=auto`: inline only with the local SQLite store (a read cannot hang on a network)
+        and an inference short enough to block the event loop for (INLINE_MAX_INFERENCE_MS)."""
+        if settings.execution != "auto":
+            return settings.execution == "inline"
+        try:
+            local = resolve_online_store() == "sqlite"
+        except ValueError:  # an unknown store kind: the client reports it; stay on the safe side
+            return False
+        return local and (ranker is None or ranker.inference_ms <= INLINE_MAX_INFERENCE_MS)
 
     # -- loading ---------------------------------------------------------------------------------
 
@@ -185,7 +212,10 @@ class Recommender:
             logger.warning("feature store unavailable at start-up (requests fall back until it is back): %s", exc)
 
     async def _user_sequence(self, user_id: str) -> UserSequence | None:
-        """Raises FeatureStoreUnavailable on an outage or when the lookup exceeds its budget."""
+        """Raises FeatureStoreUnavailable on an outage or (thread execution) when the lookup exceeds
+        its budget; inline, the store client's own timeouts apply."""
+        if self.inline:
+            return self._client().get_user_sequence(user_id)
         result: list[UserSequence | None] = []
         if self._feature_limiter is None:
             self._feature_limiter = anyio.CapacityLimiter(self.settings.feature_concurrency)
@@ -250,34 +280,49 @@ class Recommender:
                     break
         return Answer(items=tuple(items), model_version=self.model_version, reason=reason.value)
 
-    async def _run_model(self, history: History, request: RequestContext) -> Answer | FallbackReason:
+    async def _run_model(self, history: History, request: RequestContext, started: float) -> Answer | FallbackReason:
         assert self.ranker is not None and self.bundle is not None
         ranker = self.ranker
         encoded = encode(history, request, ranker.vocabulary, ranker.max_len, ranker.input_names)
         if encoded is None:
             return FallbackReason.COLD_START
-        if self._model_limiter is None:
-            self._model_limiter = anyio.CapacityLimiter(self.settings.model_concurrency)
-        run_options = ort.RunOptions()
-        outputs = []
-        try:
-            with anyio.move_on_after(self.settings.model_timeout_ms / 1000) as scope:
-                outputs.append(
-                    await anyio.to_thread.run_sync(
-                        ranker.rank, encoded.feeds, run_options, limiter=self._model_limiter, abandon_on_cancel=True
+        budget_s = self.settings.model_timeout_ms / 1000
+        if self.inline:
+            # Nothing can interrupt a run on the event loop, so the budget is applied before it starts,
+            # to the time the request has already spent (waiting for the loop included): under
+            # overload, requests that waited too long get the fallback at once instead of queueing on.
+            if time.perf_counter() - started > budget_s:
+                return FallbackReason.MODEL_TIMEOUT
+            try:
+                scores, tokens = ranker.rank(encoded.feeds)
+            except Exception:  # noqa: BLE001 - any failure inside ORT is a model error, answered by fallback
+                logger.exception("model inference failed")
+                return FallbackReason.MODEL_ERROR
+        else:
+            if self._model_limiter is None:
+                self._model_limiter = anyio.CapacityLimiter(self.settings.model_concurrency)
+            run_options = ort.RunOptions()
+            outputs = []
+            try:
+                with anyio.move_on_after(budget_s) as scope:
+                    outputs.append(
+                        await anyio.to_thread.run_sync(
+                            ranker.rank, encoded.feeds, run_options, limiter=self._model_limiter, abandon_on_cancel=True
+                        )
                     )
-                )
-        except Exception:  # noqa: BLE001 - any failure inside ORT is a model error, answered by fallback
-            logger.exception("model inference failed")
-            return FallbackReason.MODEL_ERROR
-        if scope.cancelled_caught:
-            run_options.terminate = True  # stop the abandoned run instead of letting it burn a core
-            return FallbackReason.MODEL_TIMEOUT
-        scores, tokens = outputs[0]
+            except Exception:  # noqa: BLE001 - any failure inside ORT is a model error, answered by fallback
+                logger.exception("model inference failed")
+                return FallbackReason.MODEL_ERROR
+            if scope.cancelled_caught:
+                run_options.terminate = True  # stop the abandoned run instead of letting it burn a core
+                return FallbackReason.MODEL_TIMEOUT
+            scores, tokens = outputs[0]
         items = ranker.decode(scores, tokens, MAX_K)
         return Answer(items=tuple(items), model_version=self.bundle.version, reason=MODEL_REASON)
 
-    async def recommend(self, req: RecommendRequest) -> RecommendResponse:
+    async def recommend(self, req: RecommendRequest, started: float | None = None) -> RecommendResponse:
+        """`started`: time.perf_counter() when the request arrived (default: now), for the model budget."""
+        started = time.perf_counter() if started is None else started
         ctx = req.context
         device = ctx.device if ctx else None
         ts = (ctx.ts if ctx and ctx.ts else None) or datetime.now(timezone.utc)
@@ -314,7 +359,7 @@ class Recommender:
         if self.ranker is None:
             answer = self._fallback(FallbackReason.MODEL_UNAVAILABLE, set(history.item_ids), device, segment)
             return answer.response(req.k, cached=False)
-        result = await self._run_model(history, RequestContext(tod=tod, device=device, segment=segment))
+        result = await self._run_model(history, RequestContext(tod=tod, device=device, segment=segment), started)
         answer = (
             result
             if isinstance(result, Answer)

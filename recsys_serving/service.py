@@ -13,6 +13,7 @@ content types a 415 (ApiGuard).
 
 from __future__ import annotations
 
+import contextvars
 import json
 import logging
 import time
@@ -33,6 +34,8 @@ JSON_TYPES = ("application/json", "text/json")
 
 # The live Recommender of this worker process, for the middleware (set by the service constructor).
 _RUNTIME: dict[str, Any] = {}
+# time.perf_counter() when ApiGuard received the request: the model budget counts from there.
+_ARRIVED: contextvars.ContextVar[float | None] = contextvars.ContextVar("recsys_arrived", default=None)
 
 
 async def _send_json(send: Any, status: int, body: dict[str, Any]) -> None:
@@ -68,6 +71,7 @@ class ApiGuard:
             return await self.app(scope, receive, send)
 
         started = time.perf_counter()
+        _ARRIVED.set(started)  # the API handler runs in this task, so it sees the value
         status_holder = {"status": 500, "started": False}
 
         async def send_wrapper(message: Any) -> None:
@@ -135,6 +139,9 @@ _SETTINGS = ServingSettings.from_env()
     workers=_SETTINGS.workers,
     traffic={"timeout": 10, "max_concurrency": 512},
     logging={"access": {"enabled": False}},  # per-request log lines cost more than the inference
+    # BentoML's OpenTelemetry middleware runs on every request even when no trace is sampled; the
+    # API routes skip it unless RECSYS_TRACE_REQUESTS asks for spans.
+    tracing={} if _SETTINGS.trace_requests else {"excluded_urls": [f"{route}$" for route in API_ENDPOINTS]},
 )
 class RecommenderService:
     def __init__(self) -> None:
@@ -145,7 +152,7 @@ class RecommenderService:
     @bentoml.api(route="/recommend")
     async def recommend(self, request: RecommendRequest, /) -> RecommendResponse:
         """Top-k next items for a user; `fallback` and `reason` say when popularity answered."""
-        response = await self.recommender.recommend(request)
+        response = await self.recommender.recommend(request, started=_ARRIVED.get())
         outcome = "cache" if response.cached else ("fallback" if response.fallback else "model")
         self.metrics.requests.labels(endpoint="recommend", outcome=outcome).inc()
         return response

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -25,6 +26,8 @@ ENV_FIELDS: dict[str, str] = {
     "RECSYS_USE_GPU": "use_gpu",
     "RECSYS_EVENT_LOG_DIR": "event_log_dir",
     "RECSYS_WORKERS": "workers",
+    "RECSYS_EXECUTION": "execution",
+    "RECSYS_TRACE_REQUESTS": "trace_requests",
 }
 
 
@@ -50,6 +53,20 @@ class ServingSettings(BaseModel):
     use_gpu: bool = Field(default=True, description="use TensorRT/CUDA providers when onnxruntime has them")
     event_log_dir: Path | None = Field(default=None, description="None = $RECSYS_HOME/events/served")
     workers: int = Field(default=1, ge=1, le=64, description="server processes (each with its cache and session)")
+    execution: Literal["auto", "thread", "inline"] = Field(
+        default="auto",
+        description="where feature reads and inference run. thread: worker threads, each stage under its "
+        "budget (a late answer becomes a fallback); inline: on the event loop, no thread hand-offs (least "
+        "CPU and latency per request; a stage cannot be interrupted, so the model budget is checked before "
+        "inference starts; run one worker per core); auto: inline with a local (SQLite) online store and "
+        "an inference under 5 ms at load, else thread (a slow Redis read or a long inference must not "
+        "stall the event loop)",
+    )
+    trace_requests: bool = Field(
+        default=False,
+        description="OpenTelemetry spans for /recommend and /events (BentoML's tracing config decides "
+        "where they go); off, the tracing middleware skips them: ~0.6 ms of CPU per request, sampled or not",
+    )
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, **overrides: object) -> "ServingSettings":

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import duckdb
+import numpy as np
 import pytest
 import torch
 
@@ -21,6 +22,7 @@ from recsys_assets.export.bundle import (
     current_version,
     data_window,
     evaluate_gate,
+    export_bundle,
     model_spec_for,
     popularity_document,
     promote,
@@ -34,7 +36,7 @@ from recsys_serving import bundle as fmt
 from recsys_serving.bundle import BundleRefused, load_bundle, salvage_popularity, verify_bundle
 from recsys_serving.event_log import CANONICAL_FIELDS
 from recsys_serving.metrics import ServiceMetrics
-from recsys_serving.model import OnnxRanker
+from recsys_serving.model import History, OnnxRanker, RequestContext, encode
 from recsys_serving.recommender import Recommender
 from recsys_serving.schemas import RecommendRequest
 from recsys_serving.settings import ServingSettings
@@ -112,6 +114,38 @@ def test_bundle_is_complete_write_once_and_loads(tmp_path: Path, exported: tuple
     loaded = load_bundle(path)
     ranker = OnnxRanker(loaded, intra_threads=1, use_gpu=False, cache_dir=tmp_path / "cache")
     assert ranker.input_names == manifest.model.inputs
+
+
+def test_quantized_bundle_serves_the_fp32_ranking(tmp_path: Path) -> None:
+    """A bundle exported with the int8 two-stage head loads in the server's ranker and answers with
+    the fp32 bundle's items and scores (the rescoring is exact)."""
+    torch.manual_seed(0)
+    config = BERT4RecConfig(vocab_size=len(ITEMS) + 2, hidden=16, layers=1, heads=2, max_len=10, n_devices=2)
+    model = BERT4Rec(config).eval()
+    with torch.no_grad():
+        model.item_emb.weight.normal_(0, 0.5)
+    root = tmp_path / "bundles"
+    built = {
+        table: export_bundle(root, model, config, VOCABULARY, POPULARITY, tmp_path / table, top_k=20,
+                             item_table=table, rescore_candidates=32, version=table)
+        for table in ("fp32", "int8")
+    }
+    manifest = verify_bundle(Path(built["int8"].path))
+    assert manifest.export["onnx"]["item_table"] == "int8" and manifest.export["onnx"]["rescore_candidates"] == 32
+    assert manifest.model.outputs == ["top_scores", "top_tokens"]
+    rankers = {t: OnnxRanker(load_bundle(Path(b.path)), intra_threads=1, use_gpu=False, cache_dir=tmp_path / "cache")
+               for t, b in built.items()}
+    for items in (["item-3", "item-7", "item-11"], ITEMS[:30]):
+        history = History(item_ids=items, devices=["mobile"] * len(items))
+        answers = {}
+        for table, ranker in rankers.items():
+            encoded = encode(history, RequestContext(tod=2, device="mobile"), ranker.vocabulary, ranker.max_len,
+                             ranker.input_names)
+            assert encoded is not None
+            answers[table] = ranker.decode(*ranker.rank(encoded.feeds), k=10)
+        assert [i for i, _ in answers["int8"]] == [i for i, _ in answers["fp32"]]
+        assert not {i for i, _ in answers["int8"]} & set(items)
+        np.testing.assert_allclose([s for _, s in answers["int8"]], [s for _, s in answers["fp32"]], atol=1e-4)
 
 
 @pytest.mark.parametrize(

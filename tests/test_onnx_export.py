@@ -10,14 +10,17 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from onnx import numpy_helper
 
 from recsys_assets.bert4rec.data import SequenceData
 from recsys_assets.bert4rec.model import BERT4Rec, BERT4RecConfig
 from recsys_assets.export.onnx_export import (
     ParityBatch,
+    batch1_latency,
     export_onnx,
     model_contexts,
     parity_check,
+    quantized_ranking_check,
     validation_batches,
 )
 from recsys_serving.bundle import MODEL_OUTPUTS
@@ -124,9 +127,11 @@ def test_parity_check_fails_for_another_model(context_model: tuple[BERT4Rec, BER
     assert not report.passed and report.max_abs_diff > 1e-4
 
 
-@pytest.mark.skipif(not BEAUTY.exists(), reason="shared/data/amazon_beauty/Beauty.txt is absent")
-def test_parity_on_1000_real_validation_sequences(tmp_path: Path) -> None:
-    """Amazon Beauty (12,101 items): fp32 max |diff| < 1e-4 and identical top-10 on >= 1,000 users."""
+@pytest.fixture(scope="module")
+def beauty_model() -> tuple[BERT4Rec, BERT4RecConfig, list[ParityBatch]]:
+    """Amazon Beauty (12,101 items): a model with spread scores and its first 1,000 validation inputs."""
+    if not BEAUTY.exists():
+        pytest.skip("shared/data/amazon_beauty/Beauty.txt is absent")
     data = SequenceData.from_sasrec_txt(BEAUTY)
     torch.manual_seed(0)
     config = BERT4RecConfig(vocab_size=data.vocab_size, hidden=32, layers=2, heads=2, max_len=50, dropout=0.0)
@@ -134,15 +139,99 @@ def test_parity_on_1000_real_validation_sequences(tmp_path: Path) -> None:
     with torch.no_grad():  # spread the scores: at init they are nearly tied and the test would be weak
         model.item_emb.weight.normal_(0, 0.5)
         model.out_bias.normal_(0, 0.5)
+    return model, config, list(validation_batches(data, config.max_len, [], 1000))
+
+
+def test_parity_on_1000_real_validation_sequences(
+    beauty_model: tuple[BERT4Rec, BERT4RecConfig, list[ParityBatch]], tmp_path: Path
+) -> None:
+    """Amazon Beauty (12,101 items): fp32 max |diff| < 1e-4 and identical top-10 on >= 1,000 users."""
+    model, config, batches = beauty_model
     report = export_onnx(model, config, tmp_path / "model.onnx", contexts=[])
     assert report.inputs == ["tokens", "exclude"]
-    batches = list(validation_batches(data, config.max_len, [], 1000))
+    assert report.item_table == "fp32" and report.rescore_candidates is None
     parity = parity_check(model, report.path, batches)
     assert parity.n_sequences == 1000
     assert parity.max_abs_diff < 1e-4
     assert parity.top10_identical == 1000, parity
     assert parity.topk_head_identical == 1000, parity
     assert parity.passed
+
+
+def test_int8_item_table_recall_on_1000_real_validation_sequences(
+    beauty_model: tuple[BERT4Rec, BERT4RecConfig, list[ParityBatch]], tmp_path: Path
+) -> None:
+    """The quantized two-stage head (int8 scores of all 12,101 items, the best 256 rescored in fp32)
+    against fp32 PyTorch: recall@10 >= 0.99 and every returned score is the exact fp32 score."""
+    model, config, batches = beauty_model
+    report = export_onnx(model, config, tmp_path / "model.onnx", contexts=[], item_table="int8", rescore_candidates=256)
+    assert report.item_table == "int8" and report.rescore_candidates == 256
+    assert report.inputs == ["tokens", "exclude"] and report.outputs == ["top_scores", "top_tokens"]
+    proto = onnx.load(report.path)
+    assert "MatMulNBits" in {n.op_type for n in proto.graph.node}
+    (rows,) = [n for n in proto.graph.node if n.name == "ranking_rows"]  # the fp32 rescoring's table
+    (table,) = [i for i in proto.graph.initializer if i.name == rows.input[0]]
+    np.testing.assert_array_equal(numpy_helper.to_array(table), model.item_emb.weight.detach().numpy())
+    assert "ranking_item_table" not in {i.name for i in proto.graph.initializer}, "reused, not copied"
+    check = quantized_ranking_check(model, report.path, batches)
+    assert check.n_sequences == 1000
+    assert check.recall_at_k >= 0.99, check
+    assert check.max_score_diff < 1e-4, check
+    assert check.passed
+    latency = batch1_latency(model, report.path, [], 7, repeats=5)
+    assert latency.ort_scores_then_numpy_topk_ms is None and latency.topk_in_graph_faster is None
+
+
+def test_quantized_head_masks_history_and_keeps_context_inputs(
+    context_model: tuple[BERT4Rec, BERT4RecConfig, Path], tmp_path: Path
+) -> None:
+    """int4 table, more candidates than items left: excluded and special tokens are never returned
+    with a finite score, and the finite part of the list is exactly the fp32 ranking."""
+    model, config, _ = context_model
+    report = export_onnx(model, config, tmp_path / "q.onnx", contexts=["tod", "devices", "event_types"], top_k=50,
+                         item_table="int4", rescore_candidates=config.vocab_size * 2)
+    assert report.inputs == ["tokens", "tod", "devices", "event_types", "exclude"]
+    assert report.rescore_candidates == config.vocab_size
+    session = ort.InferenceSession(report.path, providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(3)
+    tokens = rng.integers(2, config.vocab_size, size=(2, 9))
+    tokens[:, -1] = 1
+    ctx = {"tod": rng.integers(0, 7, size=(2, 9)), "devices": rng.integers(0, config.n_devices, size=(2, 9)),
+           "event_types": rng.integers(0, 4, size=(2, 9))}
+    exclude = np.stack([rng.permutation(np.arange(2, config.vocab_size))[: config.vocab_size - 30] for _ in range(2)])
+    top_scores, top_tokens = session.run(["top_scores", "top_tokens"], {"tokens": tokens, **ctx, "exclude": exclude})
+    with torch.no_grad():
+        ref = model.score_next(torch.from_numpy(tokens), **{k: torch.from_numpy(v) for k, v in ctx.items()}).numpy()
+    np.put_along_axis(ref, exclude, -np.inf, axis=1)
+    for row in range(2):
+        finite = np.isfinite(top_scores[row])
+        assert finite.sum() == 28  # 30 tokens left minus PAD and MASK
+        assert not set(top_tokens[row][finite].tolist()) & (set(exclude[row].tolist()) | {0, 1})
+        np.testing.assert_array_equal(top_tokens[row][finite], np.argsort(-ref[row], kind="stable")[:28])
+        np.testing.assert_allclose(top_scores[row][finite], ref[row, top_tokens[row][finite]], atol=1e-4)
+
+
+def test_quantized_check_fails_for_another_model(context_model: tuple[BERT4Rec, BERT4RecConfig, Path],
+                                                 tmp_path: Path) -> None:
+    model, config, _ = context_model
+    contexts = ["tod", "devices", "event_types"]
+    report = export_onnx(model, config, tmp_path / "q.onnx", contexts=contexts, top_k=50, item_table="int8",
+                         rescore_candidates=64)
+    batches = list(validation_batches(_synthetic_data(config, users=64), config.max_len, contexts, 64))
+    assert quantized_ranking_check(model, report.path, batches).passed
+    torch.manual_seed(1)
+    other = BERT4Rec(config).eval()
+    check = quantized_ranking_check(other, report.path, batches)
+    assert not check.passed and check.recall_at_k < 0.5
+
+
+def test_export_refuses_bad_quantization_settings(context_model: tuple[BERT4Rec, BERT4RecConfig, Path],
+                                                  tmp_path: Path) -> None:
+    model, config, _ = context_model
+    with pytest.raises(ValueError, match="item_table"):
+        export_onnx(model, config, tmp_path / "a.onnx", item_table="fp16")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="rescore_candidates"):
+        export_onnx(model, config, tmp_path / "b.onnx", top_k=50, item_table="int8", rescore_candidates=10)
 
 
 def test_validation_batches_hold_history_for_exclusion() -> None:

@@ -399,6 +399,64 @@ def test_workers_share_cache_invalidation(servers: dict[str, Any], monkeypatch: 
     two.close()
 
 
+def test_execution_modes_agree_and_keep_the_model_budget(servers: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    """inline (on the event loop) and thread (worker threads) give the same answers; both answer a
+    blown model budget with the model_timeout fallback. Inline cannot interrupt a run, so it checks
+    the budget before inference against the time since the request arrived (load shedding)."""
+    import asyncio
+    import copy
+
+    import prometheus_client
+
+    from recsys_serving.metrics import ServiceMetrics
+    from recsys_serving.recommender import INLINE_MAX_INFERENCE_MS, Recommender
+    from recsys_serving.schemas import RecommendRequest
+    from recsys_serving.settings import ServingSettings
+
+    monkeypatch.setenv("RECSYS_HOME", str(servers["home"]))
+    monkeypatch.delenv("RECSYS_FEAST_ONLINE_STORE", raising=False)  # the main server's SQLite store
+
+    def recommender(**overrides: Any) -> Recommender:
+        settings = ServingSettings.from_env(feature_repo=str(REPO / "feature_repo"), cache_ttl_s=0.001, **overrides)
+        return Recommender(settings, ServiceMetrics(registry=prometheus_client.CollectorRegistry()))
+
+    inline, thread = recommender(execution="inline"), recommender(execution="thread")
+    assert inline.inline and not thread.inline
+    requests = [RecommendRequest(user_id="dave", k=5), RecommendRequest(user_id="x", k=5, recent_items=["i10", "i11"])]
+
+    async def scenario() -> None:
+        for request in requests:
+            a, b = await inline.recommend(request), await thread.recommend(request)
+            assert a.reason == b.reason == "model" and a.items == b.items
+        assert (await inline.recommend(requests[1])).items[0].item_id == "i12"
+        # arrived 1 s ago with a 250 ms budget: inline skips the model instead of answering late
+        late = await inline.recommend(requests[1], started=time.perf_counter() - 1.0)
+        assert late.fallback and late.reason == "model_timeout" and "i11" not in [i.item_id for i in late.items]
+        for mode in ("inline", "thread"):
+            tight = recommender(execution=mode, model_timeout_ms=0.01)
+            answer = await tight.recommend(requests[0])
+            assert answer.reason == "model_timeout", mode
+            tight.close()
+
+    asyncio.run(scenario())
+    inline.close()
+    thread.close()
+    # auto: inline only with the local SQLite store and a short inference; a networked store or a
+    # long inference (measured at warm-up) stays off the event loop
+    auto = ServingSettings(execution="auto")
+    assert inline.ranker is not None and 0 < inline.ranker.inference_ms < INLINE_MAX_INFERENCE_MS
+    assert Recommender._resolve_inline(auto, inline.ranker) is True
+    assert Recommender._resolve_inline(auto, None) is True  # refused bundle: only the store matters
+    slow_model = copy.copy(inline.ranker)
+    slow_model.inference_ms = 10 * INLINE_MAX_INFERENCE_MS  # what a 2M-item catalogue measures
+    assert Recommender._resolve_inline(auto, slow_model) is False
+    assert Recommender._resolve_inline(ServingSettings(execution="inline"), slow_model) is True
+    monkeypatch.setenv("RECSYS_FEAST_ONLINE_STORE", "redis")
+    assert Recommender._resolve_inline(auto, inline.ranker) is False
+    with pytest.raises(ValueError, match="execution"):
+        ServingSettings.from_env({"RECSYS_EXECUTION": "fast"})
+
+
 def test_event_is_refused_when_the_log_cannot_be_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Nothing is acknowledged that is not on disk: an unwritable log raises (the API answers 503)."""
     import asyncio

@@ -18,7 +18,7 @@ import shutil
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import duckdb
 from pydantic import BaseModel
@@ -41,6 +41,9 @@ from recsys_serving.bundle import (
     sha256_file,
     verify_bundle,
 )
+
+if TYPE_CHECKING:  # onnx_export imports torch: only loaded when a bundle is exported
+    from recsys_assets.export.onnx_export import ItemTable
 
 CURRENT = "current"
 PROMOTIONS_LOG = "promotions.jsonl"
@@ -327,16 +330,27 @@ def export_bundle(
     *,
     contexts: list[str] | None = None,
     top_k: int = 100,
+    item_table: ItemTable = "fp32",
+    rescore_candidates: int | None = None,
     metrics: Mapping[str, Any] | None = None,
     data_window: Mapping[str, Any] | None = None,
     version: str | None = None,
 ) -> BundleInfo:
     """Export `model` to ONNX in `workdir` and write a bundle from it (no parity check: the
     onnx_model asset does that on real data; this is for built-from-code bundles such as the
-    latency benchmark's 2M-item catalogue and tests)."""
-    from recsys_assets.export.onnx_export import export_onnx
+    latency benchmark's 2M-item catalogue and tests). `item_table`/`rescore_candidates`: see
+    onnx_export.export_onnx (int8/int4: the quantized two-stage ranking head)."""
+    from recsys_assets.export.onnx_export import DEFAULT_RESCORE_CANDIDATES, export_onnx
 
-    report = export_onnx(model, config, workdir / MODEL_FILE, contexts=contexts, top_k=top_k)
+    report = export_onnx(
+        model,
+        config,
+        workdir / MODEL_FILE,
+        contexts=contexts,
+        top_k=top_k,
+        item_table=item_table,
+        rescore_candidates=rescore_candidates or DEFAULT_RESCORE_CANDIDATES,
+    )
     external = workdir / report.external_data if report.external_data else None
     return write_bundle(
         root,
