@@ -457,6 +457,37 @@ def test_canonical_parquet(con: duckdb.DuckDBPyConnection, tmp_path: Path) -> No
         load_events(con, tmp_path / "not.parquet", "parquet")
 
 
+def test_parquet_files_of_one_schema_load_together_with_per_file_ids(
+    con: duckdb.DuckDBPyConnection, tmp_path: Path
+) -> None:
+    """Same-schema files go in one parallel statement; ids stay file offset + row number, in file order,
+    and a file whose rows all fail to parse is still named even when good files follow it."""
+    folder = tmp_path / "chunks"
+    folder.mkdir()
+    sizes = [3, 5, 2]
+    for n, size in enumerate(sizes):
+        con.execute(
+            f"""COPY (SELECT 'u{n}' AS user_id, 'i' || i AS item_id, 'view' AS event_type,
+                       TIMESTAMP '2024-03-01' + to_minutes(i) AS ts FROM range({size}) t(i))
+                TO '{folder / f"events-{n}.parquet"}' (FORMAT parquet, ROW_GROUP_SIZE 2)"""
+        )
+    assert load_events(con, folder, "parquet") == sum(sizes)
+    rows = con.execute("SELECT event_id, source, user_id, item_id FROM raw_events ORDER BY event_id").fetchall()
+    expected = [(i, f"events-{n}.parquet", f"u{n}", f"i{i - sum(sizes[:n])}")
+                for n, size in enumerate(sizes) for i in range(sum(sizes[:n]), sum(sizes[:n]) + size)]
+    assert rows == expected
+
+    # text timestamps: file a parses, file b (same schema) has no parsable row, file c parses
+    for name, ts in (("a", "2024-03-01T00:00:00Z"), ("b", "soon"), ("c", "2024-03-02T00:00:00Z")):
+        con.execute(
+            f"""COPY (SELECT 'u' AS user_id, 'i' AS item_id, 'view' AS event_type, '{ts}' AS ts)
+                TO '{tmp_path / f"t-{name}.parquet"}' (FORMAT parquet)"""
+        )
+    with pytest.raises(SourceFormatError, match=r"t-b\.parquet: expected canonical Parquet rows"):
+        load_events(con, str(tmp_path / "t-*.parquet"), "parquet")
+    assert con.execute("SELECT count(*) FROM raw_events").fetchall() == [(sum(sizes),)]  # previous table kept
+
+
 def test_caller_transaction_is_respected(con: duckdb.DuckDBPyConnection, tmp_path: Path) -> None:
     path = tmp_path / "e.csv"
     write_problem(path, PROBLEMS[2])

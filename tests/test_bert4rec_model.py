@@ -159,3 +159,20 @@ def test_score_next_exports_to_onnx_with_dynamic_batch_and_length(tmp_path) -> N
         finite = np.isfinite(want)
         assert (np.isfinite(got) == finite).all()
         np.testing.assert_allclose(got[finite], want[finite], rtol=1e-4, atol=1e-4)
+
+
+def test_mixed_precision_choice_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """auto: bf16 on CPU only for wide networks on CPUs with AMX; explicit choices are obeyed."""
+    from recsys_assets.bert4rec import train as train_mod
+    from recsys_assets.bert4rec.train import TrainConfig, resolve_amp
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(train_mod, "_cpu_has_amx_bf16", lambda: True)
+    assert resolve_amp(TrainConfig(amp="auto"), cpu, hidden=256) is torch.bfloat16
+    assert resolve_amp(TrainConfig(amp="auto"), cpu, hidden=64) is None
+    assert resolve_amp(TrainConfig(amp="none"), cpu, hidden=256) is None
+    monkeypatch.setattr(train_mod, "_cpu_has_amx_bf16", lambda: False)
+    assert resolve_amp(TrainConfig(amp="auto"), cpu, hidden=256) is None
+    assert resolve_amp(TrainConfig(amp="bf16"), cpu, hidden=64) is torch.bfloat16
+    with pytest.raises(ValueError, match="fp16.*needs CUDA"):
+        resolve_amp(TrainConfig(amp="fp16"), cpu)

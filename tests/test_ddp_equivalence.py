@@ -20,6 +20,7 @@ ARGS = [
     "--set", "model.hidden=16", "--set", "model.layers=1", "--set", "model.heads=2", "--set", "model.max_len=8",
     "--set", "model.dropout=0.0",  # dropout draws differ per process by design; the data path must not
     "--set", "train.batching.batch_size=24", "--set", "train.batching.mask_prob=0.3",
+    "--set", "train.batching.window_fraction=1.0", "--set", "train.lr=0.001",
     "--set", "train.amp=\"none\"", "--set", "train.patience=null", "--set", "train.checkpoint_every=5",
 ]
 

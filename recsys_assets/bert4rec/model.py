@@ -1,7 +1,14 @@
 """BERT4Rec: a bidirectional transformer over item tokens, scored against its own item table.
 
-Built from PyTorch's own layers (``nn.TransformerEncoderLayer``); no Dagster import, so
-``torchrun`` and the ONNX exporter can use it directly.
+Input at each position: item embedding + the previous position's item through an input-only
+table (``previous_item_input``) + learned position embedding (right-aligned: the trailing
+[MASK] always has index ``max_len - 1``) + context embeddings (time of day, device, segment,
+event type; token 0 = unknown adds nothing). Then PyTorch's own ``nn.TransformerEncoderLayer``
+stack (bidirectional, pre-LN), and the [MASK] position is scored against the item embedding
+table itself (tied) plus a per-item bias.
+
+No Dagster import, so ``torchrun`` and the ONNX exporter use it directly; the forward path has
+no data-dependent Python control flow (``score_next`` exports with dynamic batch and length).
 """
 
 from __future__ import annotations
@@ -41,12 +48,20 @@ class BERT4RecConfig(BaseModel):
     attn_dropout: float | None = Field(None, ge=0.0, lt=1.0, description="attention dropout; None = dropout")
     norm_first: bool = Field(True, description="pre-LN blocks (stable without long warm-up)")
     activation: Literal["gelu", "relu"] = "gelu"
-    output_head: bool = Field(True, description="dense+GELU+LayerNorm transform before the tied output")
-    previous_item_input: bool = Field(
+    output_head: bool = Field(
         False,
+        description="BERT's dense+GELU+LayerNorm transform before the tied output; off by default: on "
+        "Amazon Beauty it cost about 13% NDCG@10 (it squeezes the scores' scale through a LayerNorm)",
+    )
+    previous_item_input: bool = Field(
+        True,
         description="each position also gets an input-only embedding of the token before it: a direct "
         "path from the latest item to the trailing [MASK], which attention alone learns slowly",
     )
+    previous_item_init: Literal["zeros", "item"] = Field(
+        "zeros", description="start the previous-item table at zero or as a copy of the item table"
+    )
+    final_norm: bool = Field(True, description="pre-LN only: LayerNorm after the last block")
     input_item_table: bool = Field(
         False,
         description="add a second item table on the input side only (the output stays tied to the first): "
@@ -130,7 +145,7 @@ class BERT4Rec(nn.Module):
         self.encoder = nn.TransformerEncoder(
             layer,
             num_layers=config.layers,
-            norm=nn.LayerNorm(h, eps=config.layer_norm_eps) if config.norm_first else None,
+            norm=nn.LayerNorm(h, eps=config.layer_norm_eps) if config.norm_first and config.final_norm else None,
             enable_nested_tensor=False,
         )
         for block in self.encoder.layers:
@@ -169,6 +184,9 @@ class BERT4Rec(nn.Module):
         for extra in (self.item_in_emb, self.prev_item_emb):
             if extra is not None:
                 nn.init.zeros_(extra.weight)  # starts as the plain tied model
+        if self.prev_item_emb is not None and self.config.previous_item_init == "item":
+            with torch.no_grad():
+                self.prev_item_emb.weight.copy_(self.item_emb.weight)
 
     def forward(
         self,

@@ -71,7 +71,7 @@ class TrainConfig(BaseModel):
     betas: tuple[float, float] = (0.9, 0.98)
     grad_clip: float | None = Field(1.0, gt=0.0)
     amp: Literal["auto", "none", "bf16", "fp16"] = Field(
-        "auto", description="auto: bf16 on CPU and CUDA where supported, else none"
+        "auto", description="auto: bf16 on CUDA; on CPU bf16 for hidden >= 128 where the CPU has AMX, else none"
     )
     device: Literal["auto", "cpu", "cuda"] = "auto"
     num_threads: int | None = Field(2, ge=1, description="torch CPU threads per process")
@@ -287,7 +287,7 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_st
     )
 
 
-def resolve_amp(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
+def resolve_amp(cfg: TrainConfig, device: torch.device, hidden: int | None = None) -> torch.dtype | None:
     if cfg.amp == "none":
         return None
     if cfg.amp == "fp16":
@@ -296,12 +296,26 @@ def resolve_amp(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
         return torch.float16
     if cfg.amp == "bf16":
         return torch.bfloat16
-    # auto: bf16 (or fp16) on CUDA; none on CPU, where at these sizes (hidden <= 256, short
-    # sequences) bf16 autocast measured slower than fp32 even with AMX: the casts cost more than
-    # the smaller matmuls save. Ask for amp="bf16" explicitly for wide models.
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    # auto on CPU: bf16 only where the CPU multiplies bf16 in hardware (AMX) and the network is wide
+    # enough to profit. Measured on 2 Xeon cores with AMX: hidden 256 x 4 layers trains 1.65x faster
+    # in bf16; at hidden 64 the casts cost more than the smaller matmuls save; without AMX bf16 is
+    # emulated and far slower than fp32.
+    if hidden is not None and hidden >= CPU_BF16_MIN_HIDDEN and _cpu_has_amx_bf16():
+        return torch.bfloat16
     return None
+
+
+CPU_BF16_MIN_HIDDEN = 128
+
+
+def _cpu_has_amx_bf16() -> bool:
+    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)  # private, so guarded: absent means "no"
+    try:
+        return bool(probe()) if probe is not None else False
+    except Exception:  # noqa: BLE001 - a probe failure only means we stay in fp32
+        return False
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -368,7 +382,7 @@ def train(
         raise ValueError(f"data was split for fit={split.fit!r} but the config says fit={cfg.fit!r}")
     if model_config.vocab_size < len(split.item_counts):
         raise ValueError(f"model vocab_size {model_config.vocab_size} < data vocabulary {len(split.item_counts)}")
-    amp = resolve_amp(cfg, device)
+    amp = resolve_amp(cfg, device, model_config.hidden)
     model_config = fit_context_sizes(model_config, split)
 
     torch.manual_seed(cfg.seed)
