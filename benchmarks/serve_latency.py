@@ -13,8 +13,8 @@
    machine it takes CPU from the server, so throughput is then understated). The answer cache is
    off by default (`--cache-ttl 0.001`): every request pays the feature store read and the model;
    `--cached-concurrency` adds runs with the cache on (30 s TTL) for comparison.
-3. The same for a 2,000,000-item catalogue (random weights, same network; Beauty users' item ids
-   exist in it), once per `--large-item-tables` (fp32: exact scoring of every item; int8/int4: the
+3. The same for a 2,000,000-item catalogue (random weights in the network shape of `--large-preset`,
+   default beauty-small; Beauty users' item ids exist in it), once per `--large-item-tables` (fp32: exact scoring of every item; int8/int4: the
    quantized two-stage ranking head, whose recall@10 against fp32 PyTorch is measured on Beauty
    validation sequences), and ONNX Runtime vs PyTorch eager at batch 1 for both catalogues.
 
@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import os
 import random
@@ -394,6 +395,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--large-item-tables", nargs="+", default=["int8"], choices=["fp32", "int8", "int4"],
                         help="2M catalogue: fp32 exact scoring and/or the quantized two-stage head")
     parser.add_argument("--skip-large", action="store_true")
+    parser.add_argument("--large-preset", default="beauty-small",
+                        help="preset whose network shape the large catalogue uses (random weights)")
     parser.add_argument("--recall-sequences", type=int, default=1000,
                         help="Beauty validation sequences for the quantized head's recall@10 check")
     parser.add_argument("--cache-ttl", type=float, default=0.001, help="answer cache TTL (s); tiny = uncached")
@@ -463,13 +466,17 @@ def main(argv: list[str] | None = None) -> None:
     report["beauty"] = run_catalogue("beauty_12k", home, beauty_bundle, users, args)
 
     if not args.skip_large:
-        big = BERT4RecConfig(**{**config.model_dump(), "vocab_size": args.large_items + 2})
-        torch.manual_seed(args.seed)
-        big_model = BERT4Rec(big).eval()
+        # The large catalogue's network: a preset's shape (default beauty-small: at hidden 256 two
+        # workers each holding 2M x 256 fp32 input tables plus the rescoring table outgrow 24 GB).
+        shape = get_preset(args.large_preset).model
+        big = BERT4RecConfig(**{**config.model_dump(), **shape, "vocab_size": args.large_items + 2})
+        report["large_model"] = big.model_dump()
         # small batches: PyTorch's reference scores are [batch, 2M] fp32
         recall_batches = list(validation_batches(data, big.max_len, [], args.recall_sequences, batch_size=32))
         report["large"] = {}
         for table in args.large_item_tables:
+            torch.manual_seed(args.seed)  # the same random weights for every table variant
+            big_model = BERT4Rec(big).eval()
             t = time.perf_counter()
             big_bundle = build_bundle(home / "bundles", work / f"large-{table}", big_model, big, data,
                                       f"large-{table}", item_table=table)
@@ -482,10 +489,11 @@ def main(argv: list[str] | None = None) -> None:
                 entry["recall_vs_fp32"] = quantized_ranking_check(
                     big_model, big_bundle / "model.onnx", recall_batches).model_dump()
                 print(f"quantized head ({table}) vs fp32 PyTorch: {entry['recall_vs_fp32']}", flush=True)
+            del big_model  # the servers need the memory: each worker loads the bundle
+            gc.collect()
+            shutil.rmtree(work / f"large-{table}", ignore_errors=True)  # the bundle keeps its own copy
             entry.update(run_catalogue(f"random_{args.large_items}_{table}", home, big_bundle, users, args))
             report["large"][table] = entry
-            shutil.rmtree(work / f"large-{table}", ignore_errors=True)  # the bundle keeps its own copy
-        del big_model
     report["load_average_at_end"] = os.getloadavg()
     text = json.dumps(report, indent=2)
     print(text)

@@ -73,6 +73,53 @@ class CleaningSummary(BaseModel):
         return self.raw == self.cleaned + self.quarantined
 
 
+def _k_core(con: duckdb.DuckDBPyConnection, min_user: int, min_item: int, max_rounds: int) -> int:
+    """Peels `_core(event_id, u, i)` down to users with >= min_user and items with >= min_item rows.
+
+    Incremental peeling: degrees are counted once, then each round removes the users and items
+    below k and subtracts only the interactions they take from the others (one scan of the integer
+    pairs against two small sets), instead of re-aggregating the whole table every round. The
+    power-law tail of a large catalogue needs 15+ rounds, so this dominates cleaning at 100M rows.
+    Degree -1 marks a removed user or item. Returns the number of rounds.
+    """
+    con.execute("CREATE OR REPLACE TEMP TABLE _udeg AS SELECT u, count(*)::BIGINT AS n FROM _core GROUP BY u")
+    con.execute("CREATE OR REPLACE TEMP TABLE _ideg AS SELECT i, count(*)::BIGINT AS n FROM _core GROUP BY i")
+    rounds = 0
+    for rounds in range(1, max_rounds + 1):
+        con.execute(f"CREATE OR REPLACE TEMP TABLE _bad_u AS SELECT u FROM _udeg WHERE n >= 0 AND n < {min_user}")
+        con.execute(f"CREATE OR REPLACE TEMP TABLE _bad_i AS SELECT i FROM _ideg WHERE n >= 0 AND n < {min_item}")
+        bad_u, bad_i = con.execute(
+            "SELECT (SELECT count(*) FROM _bad_u), (SELECT count(*) FROM _bad_i)"
+        ).fetchall()[0]
+        if bad_u == 0 and bad_i == 0:
+            break
+        con.execute("UPDATE _udeg SET n = -1 FROM _bad_u b WHERE _udeg.u = b.u")
+        con.execute("UPDATE _ideg SET n = -1 FROM _bad_i b WHERE _ideg.i = b.i")
+        # rows of a removed user or item; their other side loses them only while it is still in
+        # (a row whose other side was removed earlier left then, and that side is at -1)
+        con.execute(
+            "CREATE OR REPLACE TEMP TABLE _hit AS SELECT u, i FROM _core "
+            "WHERE u IN (SELECT u FROM _bad_u) OR i IN (SELECT i FROM _bad_i)"
+        )
+        con.execute(
+            "UPDATE _udeg SET n = _udeg.n - h.c FROM (SELECT u, count(*) AS c FROM _hit GROUP BY u) h "
+            "WHERE _udeg.u = h.u AND _udeg.n >= 0"
+        )
+        con.execute(
+            "UPDATE _ideg SET n = _ideg.n - h.c FROM (SELECT i, count(*) AS c FROM _hit GROUP BY i) h "
+            "WHERE _ideg.i = h.i AND _ideg.n >= 0"
+        )
+    con.execute(
+        """
+        CREATE OR REPLACE TEMP TABLE _core AS
+        SELECT c.* FROM _core c
+        SEMI JOIN (SELECT u FROM _udeg WHERE n >= 0) USING (u)
+        SEMI JOIN (SELECT i FROM _ideg WHERE n >= 0) USING (i)
+        """
+    )
+    return rounds
+
+
 def _sql_list(values: list[str]) -> str:
     return ", ".join("'" + v.replace("'", "''") + "'" for v in values)
 
@@ -177,19 +224,7 @@ def clean_events(
         SELECT s.event_id, u.u, i.i FROM _survivors s JOIN _users u USING (user_id) JOIN _items i USING (item_id)
         """
     )
-    rounds = 0
-    for rounds in range(1, config.max_k_core_rounds + 1):
-        before = con.execute("SELECT count(*) FROM _core").fetchall()[0][0]
-        con.execute(
-            f"""
-            CREATE OR REPLACE TEMP TABLE _core AS
-            WITH users AS (SELECT u FROM _core GROUP BY u HAVING count(*) >= {config.min_user_interactions}),
-                 items AS (SELECT i FROM _core GROUP BY i HAVING count(*) >= {config.min_item_interactions})
-            SELECT c.* FROM _core c SEMI JOIN users USING (u) SEMI JOIN items USING (i)
-            """
-        )
-        if con.execute("SELECT count(*) FROM _core").fetchall()[0][0] == before:
-            break
+    rounds = _k_core(con, config.min_user_interactions, config.min_item_interactions, config.max_k_core_rounds)
 
     raw_cols = ", ".join(f'r."{c}"' for c in RAW_EVENTS_COLUMNS)
     con.execute(
@@ -224,7 +259,8 @@ def clean_events(
         ORDER BY c.u, r.ts, r.event_id  -- per-user chronological; the integer code sorts faster than the id
         """
     )
-    for temp in ("_checked", "_sequenced", "_bots", "_survivors", "_users", "_items", "_core"):
+    for temp in ("_checked", "_sequenced", "_bots", "_survivors", "_users", "_items", "_core",
+                 "_udeg", "_ideg", "_bad_u", "_bad_i", "_hit"):
         con.execute(f"DROP TABLE IF EXISTS {temp}")
 
     raw = con.execute(f'SELECT count(*) FROM "{raw_table}"').fetchall()[0][0]

@@ -75,12 +75,17 @@ def build_context_vocabulary(
     return dict(con.execute(f'SELECT kind, count(*) FROM "{context_table}" GROUP BY kind').fetchall())
 
 
+# Interactions per tokenization partition: bounds the memory of the per-user ordered aggregate.
+PARTITION_ROWS = 10_000_000
+
+
 def tokenize_sequences(
     con: duckdb.DuckDBPyConnection,
     cleaned_table: str = "cleaned_interactions",
     vocab_table: str = "item_vocabulary",
     context_table: str = "context_vocabulary",
     sequences_table: str = "tokenized_sequences",
+    partition_rows: int = PARTITION_ROWS,
 ) -> SequenceSummary:
     """One row per user: chronological tokens, per-position context and the leave-one-out split.
 
@@ -91,9 +96,12 @@ def tokenize_sequences(
     event_case = " ".join(f"WHEN '{name}' THEN {tok}" for name, tok in EVENT_TYPE_TOKENS.items())
     hours_per_bucket = 24 // TIME_OF_DAY_BUCKETS
     # One sorted list of structs per user, then one column per field: a single sort per user.
-    con.execute(
-        f"""
-        CREATE OR REPLACE TABLE "{sequences_table}" AS
+    # DuckDB cannot spill an ordered list aggregate, so large tables are tokenized in hash
+    # partitions of users of about PARTITION_ROWS interactions each (one partition: sorted by user_id).
+    rows = con.execute(f'SELECT count(*) FROM "{cleaned_table}"').fetchall()[0][0]
+    partitions = max(1, -(-rows // partition_rows))
+    where = "" if partitions == 1 else f"WHERE hash(c.user_id) % {partitions} = $partition"
+    statement = f"""
         WITH events AS (
           SELECT c.user_id,
             list({{'t': v.token,
@@ -106,6 +114,7 @@ def tokenize_sequences(
           JOIN "{vocab_table}" v ON v.item_id = c.item_id AND NOT v.is_special
           LEFT JOIN "{context_table}" d ON d.kind = 'device' AND d.value = c.device
           LEFT JOIN "{context_table}" s ON s.kind = 'segment' AND s.value = c.segment
+          {where}
           GROUP BY c.user_id
         ),
         seq AS (
@@ -126,7 +135,12 @@ def tokenize_sequences(
         FROM seq
         ORDER BY user_id
         """
-    )
+    for partition in range(partitions):
+        params = {"partition": partition} if partitions > 1 else None
+        if partition == 0:
+            con.execute(f'CREATE OR REPLACE TABLE "{sequences_table}" AS {statement}', params)
+        else:
+            con.execute(f'INSERT INTO "{sequences_table}" {statement}', params)
     users, interactions, with_test = con.execute(
         f'SELECT count(*), coalesce(sum(n_items), 0), count(test_item) FROM "{sequences_table}"'
     ).fetchall()[0]
