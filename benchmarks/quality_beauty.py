@@ -91,6 +91,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="SCOPE.FIELD=VALUE", help="as in the CLI")
     parser.add_argument("--model-dir", type=Path, default=None, help="default: .recsys/models/beauty-<fit>")
     parser.add_argument("--skip-train", action="store_true", help="evaluate the model already in --model-dir")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue a killed run from --model-dir's checkpoints (default: train from scratch, "
+                        "so the reported time is a whole run's)")
     parser.add_argument("--out", type=Path, default=REPO / ".recsys" / "reports" / "quality_beauty.json")
     parser.add_argument("--seed", type=int, default=0, help="seed of the sampled negatives")
     args = parser.parse_args(argv)
@@ -127,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
 
     model_dir = args.model_dir or REPO / ".recsys" / "models" / f"beauty-{args.protocol}"
     model_over, train_over = parse_overrides(args.set)
-    train_over.update({"fit": fit, "num_threads": args.threads, "device": "cpu"})
+    train_over.update({"fit": fit, "num_threads": args.threads, "device": "cpu", "resume": args.resume})
     if args.protocol == "final":
         train_over["patience"] = None  # no validation data left: a fixed number of epochs
     if args.epochs is not None:
