@@ -176,3 +176,18 @@ def test_mixed_precision_choice_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
     assert resolve_amp(TrainConfig(amp="bf16"), cpu, hidden=64) is torch.bfloat16
     with pytest.raises(ValueError, match="fp16.*needs CUDA"):
         resolve_amp(TrainConfig(amp="fp16"), cpu)
+
+
+@pytest.mark.parametrize("norm_first", [True, False])
+@pytest.mark.parametrize("layers", [1, 3])
+def test_last_only_equals_the_last_position_of_the_full_pass(norm_first: bool, layers: int) -> None:
+    # scoring and next-item training run the last block for the trailing [MASK] alone
+    torch.manual_seed(1)
+    m = BERT4Rec(tiny(layers=layers, norm_first=norm_first, init_std=0.3)).eval()
+    tokens = torch.tensor([[0, 0, 0, 5, 6, 1], [2, 3, 4, 5, 6, 1], [0, 7, 8, 9, 10, 1]])
+    devices = torch.tensor([[0, 0, 0, 1, 2, 2]] * 3)
+    with torch.no_grad():
+        full = m(tokens, devices=devices)[:, -1:]
+        last = m(tokens, devices=devices, last_only=True)
+    assert last.shape == (3, 1, 16)
+    torch.testing.assert_close(last, full, rtol=1e-5, atol=1e-5)

@@ -289,3 +289,26 @@ def test_bad_input_is_rejected_clearly(tmp_path) -> None:
     bad.write_text("1 2 3\n2 x 4\n")
     with pytest.raises(ValueError, match="seq.txt:2"):
         SequenceData.from_sasrec_txt(bad)
+
+
+def test_next_item_objective_uses_the_last_block_shortcut_with_the_same_loss_and_gradients() -> None:
+    from recsys_assets.bert4rec.train import _Objective
+
+    split = _data(40).split("train")
+    cfg = BatchingConfig(batch_size=16, windows="prefixes", mask_prob=0.0)
+    _, batch, _ = next(_all_batches(split, cfg))
+    torch.manual_seed(0)
+    model = BERT4Rec(BERT4RecConfig(vocab_size=50, hidden=16, layers=2, heads=2, max_len=8, dropout=0.0,
+                                    n_tod=8, init_std=0.2))
+    train_cfg = TrainConfig(loss="full")
+    contexts = {"tod": batch.contexts["tod"], "event_types": batch.contexts["event_types"]}
+    shortcut = _Objective(model, train_cfg, None)(batch.tokens, batch.labels, contexts, None, None)
+    shortcut.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    full = cloze_loss_sum(model, model(batch.tokens, **contexts), batch.labels, train_cfg)
+    full.backward()
+    torch.testing.assert_close(shortcut, full, rtol=1e-5, atol=1e-5)
+    for name, p in model.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(grads[name], p.grad, rtol=1e-4, atol=1e-6, msg=name)

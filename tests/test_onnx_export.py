@@ -244,3 +244,39 @@ def test_validation_batches_hold_history_for_exclusion() -> None:
     # validation: history tokens[:-2] = 5..9, target 10; input = latest max_len-1 items + [MASK]
     np.testing.assert_array_equal(batch.tokens, [[6, 7, 8, 9, 1]])
     np.testing.assert_array_equal(np.sort(batch.exclude[0]), [5, 6, 7, 8, 9])
+
+
+def test_large_catalogue_export_attaches_real_tables_as_aligned_external_data(
+    context_model: tuple[BERT4Rec, BERT4RecConfig, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Above LARGE_TABLE_BYTES the quantized graph is traced at a stand-in vocabulary and the real
+    tables are attached as page-aligned external data: it answers exactly as a direct export."""
+    import recsys_assets.export.onnx_export as onnx_export
+
+    model, config, _ = context_model
+    contexts = ["tod", "devices", "event_types"]
+    direct = export_onnx(model, config, tmp_path / "direct.onnx", contexts=contexts, top_k=50, item_table="int8",
+                         rescore_candidates=128)
+    monkeypatch.setattr(onnx_export, "LARGE_TABLE_BYTES", 0)
+    monkeypatch.setattr(onnx_export, "STAND_IN_VOCAB", 40)
+    large = export_onnx(model, config, tmp_path / "large.onnx", contexts=contexts, top_k=50, item_table="int8",
+                        rescore_candidates=128)
+    assert direct.external_data is None and large.external_data == "large.onnx.data"
+    proto = onnx.load(large.path, load_external_data=False)
+    tables = {i.name: i for i in proto.graph.initializer if i.name.startswith("model.") and i.name.endswith("emb.weight")
+              and i.dims[0] == config.vocab_size}
+    assert set(tables) >= {"model.item_emb.weight", "model.prev_item_emb.weight"}
+    for init in tables.values():
+        assert init.data_location == onnx.TensorProto.EXTERNAL
+        offset = int({e.key: e.value for e in init.external_data}["offset"])
+        assert offset % onnx_export.EXTERNAL_ALIGNMENT == 0
+    batches = list(validation_batches(_synthetic_data(config, users=64), config.max_len, contexts, 64))
+    outputs = []
+    for report in (direct, large):
+        session = ort.InferenceSession(report.path, providers=["CPUExecutionProvider"])
+        outputs.append([session.run(["top_scores", "top_tokens"], {"tokens": b.tokens, **b.contexts, "exclude": b.exclude})
+                        for b in batches])
+    for (s1, t1), (s2, t2) in zip(*outputs):
+        np.testing.assert_array_equal(t1, t2)
+        np.testing.assert_allclose(s1, s2, atol=1e-5)
+    assert quantized_ranking_check(model, large.path, batches).passed

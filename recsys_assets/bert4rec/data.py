@@ -341,6 +341,12 @@ class BatchBuilder:
         self.contexts = contexts
         self.index = index
         self.seed = seed
+        # one flat array per field and each sequence's offset into it: a batch is then one gather
+        # instead of a Python loop over rows (2.5 ms of a ~40 ms step on Beauty)
+        lengths = np.asarray([len(x) for x in sequences], dtype=np.int64)
+        self._offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+        self._flat_tokens = _flatten(sequences)
+        self._flat_contexts = {name: _flatten(values) for name, values in contexts.items()}
 
     def build(self, example_ids: np.ndarray, epoch: int, step_in_epoch: int, rank: int = 0, world: int = 1) -> Batch:
         cfg = self.index.cfg
@@ -366,27 +372,31 @@ class BatchBuilder:
         ids = example_ids[mine]
         lens_m = lens[mine]
         width_m = int(lens_m.max()) if len(ids) else 1
-        tokens = np.zeros((len(ids), width_m), dtype=np.int64)
-        labels = np.zeros((len(ids), width_m), dtype=np.int64)
-        ctx = {name: np.zeros((len(ids), width_m), dtype=np.int64) for name in self.contexts}
-        for row, (ex, ln) in enumerate(zip(ids, lens_m)):
-            s = self.index.seq_idx[ex]
-            end = self.index.ends[ex]
-            window = self.sequences[s][end - ln : end]
-            m = masked[mine[row], width - ln :]
-            tokens[row, width_m - ln :] = np.where(m, MASK_TOKEN, window)
-            labels[row, width_m - ln :] = np.where(m, window, PAD_TOKEN)
-            for name, values in self.contexts.items():
-                c = values[s][end - ln : end]
-                if name not in REQUEST_CONTEXT:
-                    c = np.where(m, 0, c)
-                ctx[name][row, width_m - ln :] = c
+        # row r holds window [end - len, end) of its sequence, right-aligned in width_m columns
+        col = np.arange(width_m)[None, :]
+        inside = col >= (width_m - lens_m)[:, None]
+        ends = self._offsets[self.index.seq_idx[ids]] + self.index.ends[ids]
+        gather = np.where(inside, ends[:, None] - width_m + col, 0)
+        m = np.zeros((len(ids), width_m), dtype=bool)
+        m[:, width_m - min(width, width_m) :] = masked[mine][:, max(0, width - width_m) :]
+        m &= inside
+        window = np.where(inside, self._flat_tokens[gather], PAD_TOKEN)
+        tokens = np.where(m, MASK_TOKEN, window)
+        labels = np.where(m, window, PAD_TOKEN)
+        ctx = {}
+        for name, flat in self._flat_contexts.items():
+            c = np.where(inside, flat[gather], 0)
+            ctx[name] = np.where(m, 0, c) if name not in REQUEST_CONTEXT else c
         return Batch(
             tokens=torch.from_numpy(tokens),
             labels=torch.from_numpy(labels),
             contexts={k: torch.from_numpy(v) for k, v in ctx.items()},
             n_targets_global=n_targets_global,
         )
+
+
+def _flatten(arrays: Sequence[np.ndarray]) -> np.ndarray:
+    return np.concatenate([np.asarray(a, dtype=np.int64) for a in arrays]) if len(arrays) else np.zeros(0, np.int64)
 
 
 def eval_batches(

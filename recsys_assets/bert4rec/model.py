@@ -195,8 +195,10 @@ class BERT4Rec(nn.Module):
         devices: Tensor | None = None,
         segments: Tensor | None = None,
         event_types: Tensor | None = None,
+        last_only: bool = False,
     ) -> Tensor:
-        """tokens [B, L] (left-padded, L <= max_len) -> hidden states [B, L, H]."""
+        """tokens [B, L] (left-padded, L <= max_len) -> hidden states [B, L, H], or [B, 1, H] of the
+        last position only with ``last_only`` (same values, the last block computed for one query)."""
         length = tokens.shape[1]
         x = self.item_emb(tokens) + self.pos_emb.weight[self.config.max_len - length :].unsqueeze(0)
         if self.item_in_emb is not None:
@@ -216,7 +218,17 @@ class BERT4Rec(nn.Module):
         if event_types is not None and cfg.n_event_types > 1:
             x = x + self.event_emb(event_types.long())
         x = self.emb_dropout(self.emb_norm(x))
-        return self.encoder(x, src_key_padding_mask=tokens == PAD_TOKEN)
+        padding = tokens == PAD_TOKEN
+        if not last_only:
+            return self.encoder(x, src_key_padding_mask=padding)
+        # Only the trailing [MASK] is scored at inference and in next-item training, and in the last
+        # block no other position feeds it: its attention query, residual and feed-forward are needed
+        # for that one position (the keys and values still come from all of them).
+        blocks = self.encoder.layers
+        for block in blocks[:-1]:
+            x = block(x, src_key_padding_mask=padding)
+        x = _last_query_block(blocks[-1], x, padding)
+        return self.encoder.norm(x) if self.encoder.norm is not None else x
 
     def logits(self, hidden: Tensor) -> Tensor:
         """hidden [..., H] -> scores over the whole vocabulary [..., V] (PAD, MASK = -inf)."""
@@ -231,8 +243,25 @@ class BERT4Rec(nn.Module):
         event_types: Tensor | None = None,
     ) -> Tensor:
         """Scores [B, V] for the next item; the last input position must be [MASK]."""
-        hidden = self.forward(tokens, tod=tod, devices=devices, segments=segments, event_types=event_types)
+        hidden = self.forward(
+            tokens, tod=tod, devices=devices, segments=segments, event_types=event_types, last_only=True
+        )
         return self.logits(hidden[:, -1])
+
+
+def _last_query_block(block: nn.TransformerEncoderLayer, x: Tensor, padding: Tensor) -> Tensor:
+    """``block(x)[:, -1:]`` computed for the last query only, with the block's own modules and the
+    same order of operations as ``nn.TransformerEncoderLayer`` (pre- or post-LN)."""
+    def attend(inputs: Tensor) -> Tensor:
+        out = block.self_attn(inputs[:, -1:], inputs, inputs, key_padding_mask=padding, need_weights=False)[0]
+        return block.dropout1(out)
+
+    last = x[:, -1:]
+    if block.norm_first:
+        y = last + attend(block.norm1(x))
+        return y + block._ff_block(block.norm2(y))
+    y = block.norm1(last + attend(x))
+    return block.norm2(y + block._ff_block(y))
 
 
 def save_model(

@@ -68,15 +68,16 @@ PRESETS: dict[str, Preset] = {
         ),
         Preset(
             name="beauty-small",
-            description="Amazon Beauty on a small network (hidden 64, one block): about 8x cheaper per epoch than "
-            "`beauty`, a little less accurate (tuning NDCG@10 0.053 against 0.058).",
+            description="Amazon Beauty on a small network (hidden 64, one block): over 10x cheaper per epoch than "
+            "`beauty`, a little less accurate (tuning NDCG@10 0.053 against 0.058). Batch 512 at lr 4e-3: "
+            "the same tuning NDCG@10 as 256 at 3e-3 (0.0528 / 0.0529) in 28% less time per epoch.",
             model={"hidden": 64, "layers": 1, "heads": 2, "max_len": 50, "dropout": 0.1, "previous_item_init": "item"},
             train={
                 "epochs": 6,
-                "lr": 3e-3,
+                "lr": 4e-3,
                 "weight_decay": 0.0,
                 "patience": None,
-                "batching": {"batch_size": 256, "windows": "prefixes", "mask_prob": 0.0},
+                "batching": {"batch_size": 512, "windows": "prefixes", "mask_prob": 0.0},
             },
         ),
     ]

@@ -77,8 +77,60 @@ class _QueryNext(_ScoreNext):
     item table. The quantized ranking head does that product in ONNX (see add_quantized_ranking_head)."""
 
     def forward(self, tokens: Tensor, *context: Tensor) -> Tensor:
-        hidden = self.model.forward(tokens, **dict(zip(self.contexts, context)))
+        hidden = self.model.forward(tokens, **dict(zip(self.contexts, context)), last_only=True)
         return self.model.head(hidden[:, -1])
+
+
+ITEM_TABLE = "item_emb.weight"
+OUTPUT_BIAS = "out_bias"
+LARGE_TABLE_BYTES = 1 << 30  # vocabulary tables above this are exported via a stand-in (export_onnx)
+STAND_IN_VOCAB = 1024
+EXTERNAL_ALIGNMENT = 1 << 16  # offsets a runtime may memory-map (ONNX's external-data guidance; 64 KiB on Windows)
+
+
+def _vocabulary_tables(model: BERT4Rec) -> dict[str, Tensor]:
+    """Parameters with one row per token (item tables and the output bias), by state-dict name."""
+    vocab = model.config.vocab_size
+    return {name: t for name, t in model.state_dict().items() if t.ndim >= 1 and t.shape[0] == vocab}
+
+
+def _with_vocabulary(model: BERT4Rec, config: BERT4RecConfig, vocab: int) -> BERT4Rec:
+    """A copy of `model` whose vocabulary tables keep only their first `vocab` rows (same graph)."""
+    small = BERT4Rec(config.model_copy(update={"vocab_size": min(vocab, config.vocab_size)})).eval()
+    state = {name: (t[:vocab] if name in _vocabulary_tables(model) else t) for name, t in model.state_dict().items()}
+    small.load_state_dict(state)
+    return small
+
+
+def write_external_initializers(proto: onnx.ModelProto, data_path: Path, arrays: dict[str, np.ndarray],
+                                min_bytes: int = 1 << 20) -> None:
+    """Moves initializers to one external data file, each at an aligned offset (mappable): the ones
+    named in `arrays` get those values (written straight from them, never through a protobuf), and
+    every other initializer of at least `min_bytes` keeps its own. (ONNX Runtime 1.32's CPU provider
+    still reads them into each session's memory: measured, 1x the file per session.)"""
+    with open(data_path, "wb") as out:
+        for init in proto.graph.initializer:
+            if init.name in arrays:
+                values = np.ascontiguousarray(arrays[init.name])
+                if values.dtype != np.float32:
+                    raise ValueError(f"{init.name}: expected float32 values, got {values.dtype}")
+            elif init.HasField("raw_data") and len(init.raw_data) >= min_bytes:
+                values = numpy_helper.to_array(init)
+            else:
+                continue
+            offset = -(-out.tell() // EXTERNAL_ALIGNMENT) * EXTERNAL_ALIGNMENT
+            out.seek(offset)
+            out.write(memoryview(values).cast("B"))
+            dims = list(values.shape)
+            init.ClearField("raw_data")
+            init.ClearField("float_data")
+            del init.dims[:]
+            init.dims.extend(dims)
+            del init.external_data[:]
+            for key, value in (("location", data_path.name), ("offset", offset), ("length", values.nbytes)):
+                entry = init.external_data.add()
+                entry.key, entry.value = key, str(value)
+            init.data_location = TensorProto.EXTERNAL
 
 
 class ExportReport(BaseModel):
@@ -167,11 +219,12 @@ def add_quantized_ranking_head(
     top_k: int,
     bits: int,
     candidates: int,
+    table_initializer: str | None = None,
 ) -> onnx.ModelProto:
     """query [B, H] -> quantized scores of every item (+bias) -> -inf at `exclude` -> TopK(candidates)
     -> exact fp32 rescoring of the candidates -> TopK(K). `item_bias` holds out_bias + the special
-    tokens' -inf. The fp32 table is the graph's own input embedding initializer when it holds the
-    same values (no second copy), else it is added."""
+    tokens' -inf. The fp32 table is the graph's own input embedding initializer (`table_initializer`,
+    or one found holding the same values): no second copy; else it is added."""
     graph = proto.graph
     (query_out,) = [o for o in graph.output if o.name == "query"]
     batch_dim = query_out.type.tensor_type.shape.dim[0]
@@ -180,7 +233,7 @@ def add_quantized_ranking_head(
     candidates = min(candidates, n_items)
     if top_k > candidates:
         raise ValueError(f"rescore_candidates ({candidates}) must be >= top_k ({top_k})")
-    table_name = next(
+    table_name = table_initializer or next(
         (
             init.name
             for init in graph.initializer
@@ -282,7 +335,14 @@ def export_onnx(
     dynamic_shapes: dict[str, Any] = {"tokens": {0: batch, 1: seq}}
     if contexts:
         dynamic_shapes["context"] = tuple({0: batch, 1: seq} for _ in contexts)
-    wrapper = (_QueryNext if quantized else _ScoreNext)(model, contexts).eval()
+    vocab_tables = _vocabulary_tables(model)
+    table_bytes = sum(t.numel() * t.element_size() for t in vocab_tables.values())
+    # A quantized graph only gathers rows of the vocabulary tables, so for a large catalogue the
+    # encoder is exported at a stand-in vocabulary and the real tables are attached afterwards as
+    # external data: the exporter never holds (and copies) gigabytes of tables in a protobuf.
+    stand_in = quantized and table_bytes > LARGE_TABLE_BYTES
+    traced = _with_vocabulary(model, config, STAND_IN_VOCAB) if stand_in else model
+    wrapper = (_QueryNext if quantized else _ScoreNext)(traced, contexts).eval()
     with torch.no_grad():
         program = torch.onnx.export(
             wrapper,
@@ -307,12 +367,22 @@ def export_onnx(
         if not np.allclose(expected, rebuilt, atol=1e-4, rtol=0):
             raise ValueError("the quantized ranking head needs logits = head(h) @ item_emb.T + out_bias "
                              "(+ the special tokens' -inf); this model computes them otherwise")
-        add_quantized_ranking_head(proto, table, bias, top_k, ITEM_TABLE_BITS[item_table], rescore_candidates)
+        add_quantized_ranking_head(proto, table, bias, top_k, ITEM_TABLE_BITS[item_table], rescore_candidates,
+                                   table_initializer=f"model.{ITEM_TABLE}" if stand_in else None)
     else:
         add_ranking_head(proto, top_k)
-    size = proto.ByteSize()
     external = None
-    if size > PROTOBUF_LIMIT:
+    if stand_in:
+        external = path.name + EXTERNAL_DATA_SUFFIX
+        arrays = {f"model.{name}": t.detach().cpu().numpy() for name, t in vocab_tables.items()}
+        missing = [n for n in arrays if n not in {i.name for i in proto.graph.initializer}]
+        if missing and any(n != f"model.{OUTPUT_BIAS}" for n in missing):
+            raise ValueError(f"the exported graph has no initializer(s) {missing} to attach the real tables to")
+        write_external_initializers(proto, path.parent / external, arrays)
+        del proto.graph.value_info[:]  # intermediate shapes were inferred at the stand-in vocabulary
+        onnx.save_model(proto, str(path))
+        onnx.checker.check_model(str(path), full_check=True)
+    elif proto.ByteSize() > PROTOBUF_LIMIT:
         external = path.name + EXTERNAL_DATA_SUFFIX
         onnx.save_model(proto, str(path), save_as_external_data=True, location=external, all_tensors_to_one_file=True)
         onnx.checker.check_model(str(path), full_check=True)
@@ -561,7 +631,9 @@ class LatencyReport(BaseModel):
 def batch1_latency(
     model: BERT4Rec, onnx_path: str | Path, contexts: Sequence[str], seq_len: int, repeats: int = 50, threads: int = 1
 ) -> LatencyReport:
-    """Median latencies at batch 1 (what serving runs); torch uses the same thread count."""
+    """Median latencies at batch 1 (what serving runs); torch uses the same thread count. The runs
+    alternate (torch, ORT, ORT without in-graph top-K, torch, ...) so that load from elsewhere on
+    a shared machine falls on all of them alike instead of on whichever ran during a busy spell."""
     rng = np.random.default_rng(0)
     vocab = model.config.vocab_size
     top_k = min(DEFAULT_TOP_K, vocab - 1)
@@ -576,14 +648,16 @@ def batch1_latency(
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        def timed(fn) -> float:  # type: ignore[no-untyped-def]
-            fn()
-            samples = []
-            for _ in range(repeats):
-                t0 = time.perf_counter()
+        def timed(*fns) -> list[float]:  # type: ignore[no-untyped-def]
+            for fn in fns:
                 fn()
-                samples.append(time.perf_counter() - t0)
-            return 1000 * float(np.median(samples))
+            samples: list[list[float]] = [[] for _ in fns]
+            for _ in range(repeats):
+                for fn, out in zip(fns, samples):
+                    t0 = time.perf_counter()
+                    fn()
+                    out.append(time.perf_counter() - t0)
+            return [1000 * float(np.median(s)) for s in samples]
 
         t_tokens, t_ctx = torch.from_numpy(tokens), {k: torch.from_numpy(v) for k, v in ctx.items()}
 
@@ -599,9 +673,11 @@ def batch1_latency(
             part = np.argpartition(-s[0], top_k)[:top_k]
             part[np.argsort(-s[0, part])]
 
-        eager = timed(run_torch)
-        in_graph = timed(lambda: session.run(["top_scores", "top_tokens"], feeds))
-        outside = timed(run_ort_outside) if has_scores else None
+        run_in_graph = lambda: session.run(["top_scores", "top_tokens"], feeds)  # noqa: E731
+        if has_scores:
+            eager, in_graph, outside = timed(run_torch, run_in_graph, run_ort_outside)
+        else:
+            (eager, in_graph), outside = timed(run_torch, run_in_graph), None
     finally:
         torch.set_num_threads(previous)
     return LatencyReport(
