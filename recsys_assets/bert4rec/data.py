@@ -377,9 +377,7 @@ class BatchBuilder:
         inside = col >= (width_m - lens_m)[:, None]
         ends = self._offsets[self.index.seq_idx[ids]] + self.index.ends[ids]
         gather = np.where(inside, ends[:, None] - width_m + col, 0)
-        m = np.zeros((len(ids), width_m), dtype=bool)
-        m[:, width_m - min(width, width_m) :] = masked[mine][:, max(0, width - width_m) :]
-        m &= inside
+        m = masked[mine][:, width - width_m :] & inside  # both right-aligned; width_m <= width
         window = np.where(inside, self._flat_tokens[gather], PAD_TOKEN)
         tokens = np.where(m, MASK_TOKEN, window)
         labels = np.where(m, window, PAD_TOKEN)

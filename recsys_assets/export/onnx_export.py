@@ -82,7 +82,6 @@ class _QueryNext(_ScoreNext):
 
 
 ITEM_TABLE = "item_emb.weight"
-OUTPUT_BIAS = "out_bias"
 LARGE_TABLE_BYTES = 1 << 30  # vocabulary tables above this are exported via a stand-in (export_onnx)
 STAND_IN_VOCAB = 1024
 EXTERNAL_ALIGNMENT = 1 << 16  # offsets a runtime may memory-map (ONNX's external-data guidance; 64 KiB on Windows)
@@ -97,7 +96,8 @@ def _vocabulary_tables(model: BERT4Rec) -> dict[str, Tensor]:
 def _with_vocabulary(model: BERT4Rec, config: BERT4RecConfig, vocab: int) -> BERT4Rec:
     """A copy of `model` whose vocabulary tables keep only their first `vocab` rows (same graph)."""
     small = BERT4Rec(config.model_copy(update={"vocab_size": min(vocab, config.vocab_size)})).eval()
-    state = {name: (t[:vocab] if name in _vocabulary_tables(model) else t) for name, t in model.state_dict().items()}
+    tables = _vocabulary_tables(model)
+    state = {name: (t[:vocab] if name in tables else t) for name, t in model.state_dict().items()}
     small.load_state_dict(state)
     return small
 
@@ -374,10 +374,10 @@ def export_onnx(
     external = None
     if stand_in:
         external = path.name + EXTERNAL_DATA_SUFFIX
-        arrays = {f"model.{name}": t.detach().cpu().numpy() for name, t in vocab_tables.items()}
-        missing = [n for n in arrays if n not in {i.name for i in proto.graph.initializer}]
-        if missing and any(n != f"model.{OUTPUT_BIAS}" for n in missing):
-            raise ValueError(f"the exported graph has no initializer(s) {missing} to attach the real tables to")
+        in_graph = {i.name for i in proto.graph.initializer}
+        arrays = {f"model.{n}": t.detach().cpu().numpy() for n, t in vocab_tables.items() if f"model.{n}" in in_graph}
+        if f"model.{ITEM_TABLE}" not in arrays:
+            raise ValueError(f"the exported graph has no initializer model.{ITEM_TABLE} to attach the real table to")
         write_external_initializers(proto, path.parent / external, arrays)
         del proto.graph.value_info[:]  # intermediate shapes were inferred at the stand-in vocabulary
         onnx.save_model(proto, str(path))
