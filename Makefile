@@ -41,9 +41,10 @@ system-deps:
 ui: venv dagster-home
 	$(BIN)/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000
 
-## Serve the promoted bundle ($$RECSYS_HOME/bundles/current) with BentoML on http://127.0.0.1:3000.
+## Serve the promoted bundle ($$RECSYS_HOME/bundles/current) with BentoML on http://127.0.0.1:3100
+## (PORT=... to change; 3000 is the Dagster UI's, so both can run at once).
 serve: venv
-	$(BIN)/bentoml serve recsys_serving.service:RecommenderService --host 127.0.0.1 --port $${PORT:-3000}
+	$(BIN)/bentoml serve recsys_serving.service:RecommenderService --host 127.0.0.1 --port $${PORT:-3100}
 
 bench-serve: venv
 	$(BIN)/python benchmarks/serve_latency.py --duration 60 --out $(RECSYS_HOME)/reports/serve_latency.json

@@ -97,7 +97,7 @@ def main() -> int:
     if unknown:
         parser.error(f"unknown configurations {unknown}; choose from {sorted(CONFIGS)}")
     if not args.data.exists():
-        parser.error(f"{args.data} not found (see /work/shared/data/README.md)")
+        parser.error(f"{args.data} not found (see ../shared/data/README.md)")
     args.out.mkdir(parents=True, exist_ok=True)
     procs = {}
     for name in names:

@@ -28,12 +28,8 @@ import torch  # noqa: E402
 
 from recsys_assets.bert4rec.data import SequenceData  # noqa: E402
 from recsys_assets.bert4rec.model import load_model  # noqa: E402
-from recsys_assets.export.onnx_export import (  # noqa: E402
-    cpu_session,
-    export_onnx,
-    model_contexts,
-    validation_batches,
-)
+from recsys_assets.export.onnx_export import export_onnx, model_contexts  # noqa: E402
+from recsys_assets.export.verification import cpu_session, validation_batches  # noqa: E402
 
 BEAUTY = REPO.parent / "shared" / "data" / "amazon_beauty" / "Beauty.txt"
 

@@ -1,6 +1,6 @@
 """Quality benchmark on Amazon Beauty: BERT4Rec against popularity, item-kNN and last-item transitions.
 
-Protocol (as /work/shared/QUALITY_NOTES.md): leave-one-out, the target is ranked against every
+Protocol (as ../shared/QUALITY_NOTES.md): leave-one-out, the target is ranked against every
 item with the user's history removed (the target stays), pessimistic ties; ``sampled_pop100``
 ranks it against 100 popularity-drawn negatives outside the history instead. Every model and
 baseline learns from the same fit data. ``--protocol``:
@@ -35,10 +35,11 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from recsys_assets.bert4rec.data import EvalSet, SequenceData  # noqa: E402
+from recsys_assets.bert4rec.data import SequenceData  # noqa: E402
 from recsys_assets.bert4rec.model import load_model  # noqa: E402
 from recsys_assets.bert4rec.presets import build_configs  # noqa: E402
 from recsys_assets.bert4rec.train import score_eval_set, train  # noqa: E402
+from recsys_assets.data.split import EvalSet  # noqa: E402
 from recsys_assets.evaluation.metrics import (  # noqa: E402
     full_ranks,
     ranking_metrics,
@@ -46,7 +47,7 @@ from recsys_assets.evaluation.metrics import (  # noqa: E402
     sampled_ranks,
 )
 
-DEFAULT_DATA = Path("/work/shared/data/amazon_beauty/Beauty.txt")
+DEFAULT_DATA = REPO.parent / "shared" / "data" / "amazon_beauty" / "Beauty.txt"
 # The bar of the model issue; kNN/last-item floors are measured here under the same protocol.
 BAR = {"NDCG@10": 0.040, "HR@10": 0.075, "knn_hr_gain": 0.25, "knn_ndcg_gain": 0.18}
 KS = (1, 5, 10, 20)
@@ -64,7 +65,7 @@ def evaluate_scores(scores_iter, eval_set: EvalSet, negatives: np.ndarray) -> di
 def baseline_scores(model: Any, eval_set: EvalSet, batch: int = 1024):
     for start in range(0, len(eval_set), batch):
         rows = np.arange(start, min(start + batch, len(eval_set)))
-        yield rows, model.score([eval_set.inputs[r] for r in rows])
+        yield rows, model.score([eval_set.histories[r] for r in rows])
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
@@ -99,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if not args.data.exists():
-        print(f"{args.data} not found (see /work/shared/data/README.md)", file=sys.stderr)
+        print(f"{args.data} not found (see ../shared/data/README.md)", file=sys.stderr)
         return 2
     import torch
 

@@ -66,13 +66,11 @@ from recsys_assets.data.user_features import (  # noqa: E402
     materialize_latest,
 )
 from recsys_assets.export.bundle import export_bundle  # noqa: E402
-from recsys_assets.export.onnx_export import (  # noqa: E402
-    ItemTable,
-    batch1_latency,
-    quantized_ranking_check,
-    validation_batches,
-)
+from recsys_assets.export.onnx_export import ItemTable  # noqa: E402
+from recsys_assets.export.verification import quantized_ranking_check, validation_batches  # noqa: E402
 from recsys_serving.feature_client import load_feature_store  # noqa: E402
+
+from onnx_latency import batch1_latency  # noqa: E402  (a sibling script: benchmarks/ is sys.path[0])
 
 BEAUTY = REPO.parent / "shared" / "data" / "amazon_beauty" / "Beauty.txt"
 FEATURE_REPO = REPO / "feature_repo"

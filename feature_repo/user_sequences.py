@@ -10,28 +10,35 @@ last event the snapshot contains, so a point-in-time join returns the sequence a
 
 Paths follow $RECSYS_HOME at apply time (the feast_online_store asset re-applies on every run).
 This module is loaded by `feast apply` and by recsys_serving.feature_client.load_definitions;
-names below are the contract with recsys_serving.feature_client.
+its names come from recsys_serving.contract (dependency-free), which serving reads with.
 """
 
 from __future__ import annotations
 
 import os
 from datetime import timedelta
-from pathlib import Path
 
 from feast import Entity, FeatureView, Field, FileSource, PushSource, ValueType
 from feast.types import Array, Int64, String
 
-# Same default as recsys_assets.config.recsys_home (this file must not import the project).
-_HOME = Path(os.environ.get("RECSYS_HOME") or Path(__file__).resolve().parent.parent / ".recsys")
-SOURCE_PATH = str(_HOME.expanduser().resolve() / "features" / "user_sequence_features.parquet")
+from recsys_serving.contract import (
+    DEFAULT_MAX_LEN,
+    ENTITY_KEY,
+    FEATURE_VIEW,
+    MAX_LEN_TAG,
+    PUSH_SOURCE,
+    TIMESTAMP_FIELD,
+    recsys_home_path,
+)
+
+SOURCE_PATH = str(recsys_home_path() / "features" / "user_sequence_features.parquet")
 # A snapshot older than this (relative to the entity timestamp in historical joins, to the
 # newest event in the data at materialization) is stale: the user is treated as cold start.
 TTL = timedelta(days=int(os.environ.get("RECSYS_FEATURE_TTL_DAYS", "365")))
 
 user = Entity(
     name="user",
-    join_keys=["user_id"],
+    join_keys=[ENTITY_KEY],
     value_type=ValueType.STRING,
     description="A shopper, by the user_id of cleaned_interactions.",
 )
@@ -39,22 +46,22 @@ user = Entity(
 user_sequence_source = FileSource(
     name="user_sequence_features",
     path=SOURCE_PATH,
-    timestamp_field="event_timestamp",
+    timestamp_field=TIMESTAMP_FIELD,
     description="Output of the user_sequence_features asset (Parquet).",
 )
 
 # Serving pushes the updated sequence here on every new event (POST /events): online only,
 # the offline truth is rebuilt from cleaned_interactions by the retrain job.
-user_sequence_push = PushSource(name="user_sequence_push", batch_source=user_sequence_source)
+user_sequence_push = PushSource(name=PUSH_SOURCE, batch_source=user_sequence_source)
 
 user_sequence = FeatureView(
-    name="user_sequence",
+    name=FEATURE_VIEW,
     entities=[user],
     ttl=TTL,
     schema=[
         Field(name="item_ids", dtype=Array(String), description="Latest item ids, oldest first."),
         Field(name="event_types", dtype=Array(String), description="view | cart | purchase per position."),
-        Field(name="tod", dtype=Array(Int64), description="Time-of-day bucket per position: hour // 4 + 1 (UTC)."),
+        Field(name="tod", dtype=Array(Int64), description="Time-of-day token per position (UTC, recsys_serving.contract)."),
         Field(name="devices", dtype=Array(String), description="Device per position ('' when unknown)."),
         # Epoch microseconds, not UnixTimestamp (whole seconds in Feast): it versions the record, see
         # recsys_serving.feature_client.FeatureStoreClient.push_event.
@@ -63,5 +70,5 @@ user_sequence = FeatureView(
     ],
     source=user_sequence_push,
     online=True,
-    tags={"owner": "recsys", "max_len": os.environ.get("RECSYS_FEATURE_MAX_LEN", "50")},
+    tags={"owner": "recsys", MAX_LEN_TAG: os.environ.get("RECSYS_FEATURE_MAX_LEN", str(DEFAULT_MAX_LEN))},
 )

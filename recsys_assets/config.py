@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from recsys_serving.contract import REPO_ROOT, recsys_home_path
+
+__all__ = ["REPO_ROOT", "bundles_dir", "models_dir", "recsys_home", "reports_dir", "warehouse_path"]
 
 
 def recsys_home() -> Path:
-    """The root of everything the project writes (default ``.recsys/`` in the repo)."""
-    home = Path(os.environ.get("RECSYS_HOME", REPO_ROOT / ".recsys")).expanduser().resolve()
+    """The root of everything the project writes (default ``.recsys/`` in the repo), created."""
+    home = recsys_home_path()
     home.mkdir(parents=True, exist_ok=True)
     return home
 

@@ -2,7 +2,9 @@
 
 Written by hand because Dagster's DuckDB IO managers load each table into memory as a
 DataFrame; this one hands downstream assets a reference and lets SQL stages run inside DuckDB,
-out of core, so the same code works on 100M+ events.
+out of core, so the same code works on 100M+ events. Every tabular asset writes its table itself
+(through WarehouseResource) and returns a `TableQuery`; the IO manager only records the table's
+standard metadata (row count, column schema) on the materialization.
 """
 
 from __future__ import annotations
@@ -15,9 +17,9 @@ from typing import Iterator
 
 import duckdb
 import polars as pl
-import pyarrow as pa
 from dagster import ConfigurableIOManager, InputContext, OutputContext
 
+from recsys_assets.assets.metadata import table_metadata
 from recsys_assets.config import recsys_home, warehouse_path
 
 
@@ -48,13 +50,8 @@ class TableRef:
 
 @dataclass(frozen=True)
 class TableQuery:
-    """An asset output that is already a table (or SQL) inside the warehouse.
-
-    `sql` is run as `CREATE OR REPLACE TABLE <asset> AS <sql>`; if `sql` is None the producer
-    has written the table itself (e.g. a streaming writer) and only the name is recorded.
-    """
-
-    sql: str | None = None
+    """An asset output whose table the asset has already written into the warehouse, under the
+    asset's name; the IO manager records its name, row count and column schema."""
 
 
 def _table_name(context: OutputContext | InputContext) -> str:
@@ -72,26 +69,15 @@ class DuckDBTableIOManager(ConfigurableIOManager):
         return str(path)
 
     def handle_output(self, context: OutputContext, obj: object) -> None:
-        if obj is None:
-            return
         table = _table_name(context)
+        if not isinstance(obj, TableQuery):
+            raise TypeError(
+                f"asset {table!r} returned {type(obj).__name__}; expected a TableQuery "
+                "(write the table through the warehouse resource, then return TableQuery())"
+            )
         with duckdb.connect(self._db()) as con:
-            if isinstance(obj, TableQuery):
-                if obj.sql is not None:
-                    con.execute(f'CREATE OR REPLACE TABLE "{table}" AS {obj.sql}')
-            elif isinstance(obj, (pl.DataFrame, pl.LazyFrame, pa.Table)):
-                frame = obj.collect() if isinstance(obj, pl.LazyFrame) else obj
-                arrow = frame.to_arrow() if isinstance(frame, pl.DataFrame) else frame
-                con.register("_incoming", arrow)
-                con.execute(f'CREATE OR REPLACE TABLE "{table}" AS SELECT * FROM _incoming')
-                con.unregister("_incoming")
-            else:
-                raise TypeError(
-                    f"asset {table!r} returned {type(obj).__name__}; expected a polars "
-                    "DataFrame/LazyFrame, a pyarrow Table or a TableQuery"
-                )
-            rows = con.execute(f'SELECT count(*) FROM "{table}"').fetchall()[0][0]
-        context.add_output_metadata({"table": f"{Path(self._db()).name}:{table}", "rows": int(rows)})
+            metadata = table_metadata(con, f'"{table}"')
+        context.add_output_metadata({"table": f"{Path(self._db()).name}:{table}", **metadata})
 
     def load_input(self, context: InputContext) -> TableRef:
         table = _table_name(context)

@@ -23,6 +23,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from recsys_serving.contract import CONTEXT_FIELDS, FIRST_ITEM_TOKEN
+
 BUNDLE_FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
 MODEL_FILE = "model.onnx"
@@ -31,18 +33,10 @@ VOCABULARY_FILE = "vocabulary.json"
 POPULARITY_FILE = "popularity.json"
 REQUIRED_FILES: tuple[str, ...] = (MODEL_FILE, VOCABULARY_FILE, POPULARITY_FILE)
 
-# Token layout (mirrors recsys_assets.data.schema; serving must not import the training package,
-# tests/test_bundle.py asserts both agree).
-PAD_TOKEN = 0
-MASK_TOKEN = 1
-FIRST_ITEM_TOKEN = 2
-EVENT_TYPE_TOKENS: dict[str, int] = {"view": 1, "cart": 2, "purchase": 3}
-TIME_OF_DAY_BUCKETS = 6
-
 # The graph interface serving relies on. Context inputs are optional (a model trained without a
 # context kind may not have the input); `tokens` and `exclude` are required.
 MODEL_REQUIRED_INPUTS: tuple[str, ...] = ("tokens", "exclude")
-MODEL_CONTEXT_INPUTS: tuple[str, ...] = ("tod", "devices", "segments", "event_types")
+MODEL_CONTEXT_INPUTS: tuple[str, ...] = CONTEXT_FIELDS
 MODEL_INPUTS: tuple[str, ...] = ("tokens", *MODEL_CONTEXT_INPUTS, "exclude")
 MODEL_OUTPUTS: tuple[str, ...] = ("top_scores", "top_tokens", "scores")
 

@@ -1,6 +1,6 @@
 """The durable log of events received by POST /events; the next training run ingests it.
 
-Append-only JSON lines in the canonical event schema (recsys_assets.data.schema.CANONICAL_COLUMNS),
+Append-only JSON lines in the canonical event schema (recsys_serving.contract.CANONICAL_COLUMNS),
 one file per UTC day and process: ``<dir>/served-<YYYYMMDD>-<host>-<pid>.jsonl``. One file per
 process means concurrent workers never interleave bytes within a line. Every record is written
 with a single ``write`` on an O_APPEND descriptor and ``fsync``-ed before the API answers, so an
@@ -19,11 +19,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-# The canonical columns, in order (mirrors recsys_assets.data.schema.CANONICAL_COLUMNS; a test
-# keeps the two equal because serving must not import the training package).
-CANONICAL_FIELDS: tuple[str, ...] = (
-    "user_id", "item_id", "event_type", "ts", "session_id", "category", "device", "segment", "price",
-)
+from recsys_serving.contract import CANONICAL_COLUMNS
+
+CANONICAL_FIELDS: tuple[str, ...] = tuple(CANONICAL_COLUMNS)
 
 
 def canonical_record(

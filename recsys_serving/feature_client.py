@@ -36,6 +36,23 @@ import pandas as pd
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from recsys_serving.contract import (
+    DEFAULT_MAX_LEN,
+    ENTITY_KEY,
+    FEATURE_FIELDS,
+    FEATURE_VIEW,
+    MAX_LEN_TAG,
+    PUSH_SOURCE,
+    RECSYS_HOME_ENV,
+    REPEATED_VIEW_WINDOW_TAG,
+    SEQUENCE_FIELDS,
+    TIMESTAMP_FIELD,
+    EventType,
+    recsys_home_path,
+    RepeatedViewRule,
+    time_of_day_token_of,
+)
+
 log = logging.getLogger(__name__)
 
 OnlineStoreKind = Literal["sqlite", "redis"]
@@ -44,20 +61,7 @@ STORE_YAML: dict[str, str] = {"sqlite": "feature_store.yaml", "redis": "feature_
 # Defaults for the ${VARS} of the yaml files when the environment does not set them.
 ENV_DEFAULTS: dict[str, str] = {"RECSYS_REDIS_CONNECTION": "localhost:6379"}
 
-# Contract with feature_repo/user_sequences.py.
-FEATURE_VIEW = "user_sequence"
-PUSH_SOURCE = "user_sequence_push"
-ENTITY_KEY = "user_id"
-TIMESTAMP_FIELD = "event_timestamp"
-SEQUENCE_FIELDS: tuple[str, ...] = ("item_ids", "event_types", "tod", "devices")
-FEATURE_FIELDS: tuple[str, ...] = (*SEQUENCE_FIELDS, "last_event_ts_us", "segment")
 FEATURE_REFS: list[str] = [f"{FEATURE_VIEW}:{name}" for name in FEATURE_FIELDS]
-DEFAULT_MAX_LEN = 50
-
-# Mirrors recsys_assets.data.schema.EVENT_TYPES (serving must not import recsys_assets; a test keeps
-# the two equal).
-EventType = Literal["view", "cart", "purchase"]
-TIME_OF_DAY_HOURS = 4  # 4-hour buckets -> 1..6, as TIME_OF_DAY_BUCKETS in the schema
 
 _STRIPES = 64  # per-user locks for push_event's read-modify-write, striped to bound memory
 
@@ -106,11 +110,6 @@ class PushedEvent(BaseModel):
         return ts.replace(tzinfo=timezone.utc) if ts.tzinfo is None else ts.astimezone(timezone.utc)
 
 
-def time_of_day_bucket(ts: datetime) -> int:
-    """Time-of-day token 1..6 of a UTC timestamp (4-hour buckets); same formula as the offline build."""
-    return ts.hour // TIME_OF_DAY_HOURS + 1
-
-
 def to_epoch_us(ts: datetime) -> int:
     ts = ts.replace(tzinfo=timezone.utc) if ts.tzinfo is None else ts
     delta = ts - datetime(1970, 1, 1, tzinfo=timezone.utc)
@@ -126,12 +125,6 @@ def from_epoch_us(us: int) -> datetime:
 
 
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}|\$([A-Za-z_][A-Za-z0-9_]*)")
-
-
-def default_recsys_home(repo_path: Path) -> Path:
-    """RECSYS_HOME, or `<repo>/.recsys` next to feature_repo/ (recsys_assets.config's default)."""
-    env = os.environ.get("RECSYS_HOME")
-    return Path(env).expanduser().resolve() if env else repo_path.resolve().parent / ".recsys"
 
 
 def resolve_online_store(online_store: str | None = None) -> OnlineStoreKind:
@@ -182,7 +175,7 @@ def load_repo_config(repo_path: str | Path, online_store: str | None = None) -> 
     yaml_path = repo / STORE_YAML[resolve_online_store(online_store)]
     if not yaml_path.is_file():
         raise FileNotFoundError(f"Feast configuration {yaml_path} is missing")
-    env = {**ENV_DEFAULTS, **os.environ, "RECSYS_HOME": str(default_recsys_home(repo))}
+    env = {**ENV_DEFAULTS, **os.environ, RECSYS_HOME_ENV: str(recsys_home_path())}
 
     def substitute(match: re.Match[str]) -> str:
         name = match.group(1) or match.group(2)
@@ -244,18 +237,16 @@ class FeatureStoreClient:
         *,
         online_store: str | None = None,
         max_len: int | None = None,
-        repeated_view_window_s: float | None = 1800.0,
+        repeated_view_rule: RepeatedViewRule | None = None,
         store: Any | None = None,
     ) -> None:
         if max_len is not None and max_len < 1:
             raise ValueError(f"max_len must be >= 1, got {max_len}")
-        if repeated_view_window_s is not None and repeated_view_window_s < 0:
-            raise ValueError(f"repeated_view_window_s must be >= 0 or None, got {repeated_view_window_s}")
         self.repo_path = Path(repo_path).resolve()
         self.online_store: OnlineStoreKind = resolve_online_store(online_store)
         self._store = store if store is not None else load_feature_store(self.repo_path, self.online_store)
         self._max_len = max_len
-        self.repeated_view_window_s = repeated_view_window_s
+        self._repeated_view_rule = repeated_view_rule
         self._errors = _store_errors()
         self._store_lock: threading.RLock | None = (
             threading.RLock() if self._store.config.online_store.type == "sqlite" else None
@@ -270,12 +261,21 @@ class FeatureStoreClient:
 
     @property
     def max_len(self) -> int:
-        """Explicit argument, else the `max_len` tag the feature view was applied with, else 50."""
+        """Explicit argument, else the `max_len` tag the feature view was applied with, else the default."""
         if self._max_len is None:
-            with self._guard("read the feature view"):
-                tags = self._store.get_feature_view(FEATURE_VIEW).tags
-            self._max_len = int(tags.get("max_len", DEFAULT_MAX_LEN))
+            self._max_len = int(self._view_tags().get(MAX_LEN_TAG, DEFAULT_MAX_LEN))
         return self._max_len
+
+    @property
+    def repeated_view_rule(self) -> RepeatedViewRule:
+        """Explicit argument, else the cleaning rule the feature view was applied with."""
+        if self._repeated_view_rule is None:
+            self._repeated_view_rule = RepeatedViewRule.from_tag(self._view_tags().get(REPEATED_VIEW_WINDOW_TAG))
+        return self._repeated_view_rule
+
+    def _view_tags(self) -> dict[str, str]:
+        with self._guard("read the feature view"):
+            return dict(self._store.get_feature_view(FEATURE_VIEW).tags)
 
     # -- reads ---------------------------------------------------------------------------------
 
@@ -313,8 +313,8 @@ class FeatureStoreClient:
         Events are appended in arrival order. The record's version (`last_event_ts_us`, also the
         Feast event timestamp) strictly increases: an event at or before the stored one is stamped one
         microsecond after it, because Redis drops a write whose timestamp is not newer than the stored one.
-        A view of the item viewed just before, within `repeated_view_window_s`, leaves the sequence as it
-        is, as the cleaning stage quarantines such views (`repeated_view`) from the training data.
+        A view of the item viewed just before (`repeated_view_rule`, the cleaning stage's rule) leaves the
+        sequence as it is, as cleaning quarantines such views (`repeated_view`) from the training data.
         """
         try:
             event = PushedEvent.model_validate(
@@ -338,13 +338,9 @@ class FeatureStoreClient:
     # -- internals -----------------------------------------------------------------------------
 
     def _is_repeated_view(self, current: UserSequence, event: PushedEvent) -> bool:
-        if self.repeated_view_window_s is None or event.event_type != "view" or current.last_event_ts is None:
-            return False
-        gap = (event.ts - current.last_event_ts).total_seconds()
-        return (
-            current.event_types[-1] == "view"
-            and current.item_ids[-1] == event.item_id
-            and gap <= self.repeated_view_window_s
+        return self.repeated_view_rule.is_repeated(
+            current.item_ids[-1], current.event_types[-1], current.last_event_ts,
+            event.item_id, event.event_type, event.ts,
         )
 
     def _user_lock(self, user_id: str) -> threading.Lock:
@@ -379,8 +375,8 @@ class FeatureStoreClient:
 def _fail_fast_redis(store: Any) -> None:
     """One immediate retry instead of redis-py's default three with exponential backoff.
 
-    With the default, a read against a Redis that is down blocks for ~4.5 s before failing, which ties
-    up a serving thread long after the request fell back. Feast's connection string cannot carry a
+    With the default, a read against a Redis that is down sits out every backoff before failing, which
+    ties up a serving thread long after the request fell back. Feast's connection string cannot carry a
     Retry object, so the policy is set on the client Feast creates (internal API of feast 0.67).
     """
     from redis.backoff import NoBackoff
@@ -434,7 +430,7 @@ def _append(current: UserSequence | None, event: PushedEvent, max_len: int) -> U
         user_id=event.user_id,
         item_ids=keep(base.item_ids, event.item_id),
         event_types=keep(base.event_types, event.event_type),
-        tod=keep(base.tod, time_of_day_bucket(event.ts)),
+        tod=keep(base.tod, time_of_day_token_of(event.ts)),
         devices=keep(base.devices, event.device or ""),
         last_event_ts=from_epoch_us(us),
         segment=base.segment,

@@ -12,26 +12,24 @@ import numpy as np
 import onnxruntime as ort
 
 from recsys_serving.bundle import (
-    EVENT_TYPE_TOKENS,
-    FIRST_ITEM_TOKEN,
-    MASK_TOKEN,
     MODEL_CONTEXT_INPUTS,
     MODEL_REQUIRED_INPUTS,
-    TIME_OF_DAY_BUCKETS,
     BundleRefused,
     LoadedBundle,
     Vocabulary,
 )
+from recsys_serving.contract import (
+    EVENT_TYPE_TOKENS,
+    FIRST_ITEM_TOKEN,
+    MASK_TOKEN,
+    UNKNOWN_CONTEXT_TOKEN,
+    history_length,
+    valid_time_of_day_token,
+)
 
 logger = logging.getLogger(__name__)
 
-HOURS_PER_TOD_BUCKET = 24 // TIME_OF_DAY_BUCKETS
 WARM_UP_RUNS = 3
-
-
-def tod_bucket(hour: int) -> int:
-    """Same bucketing as tokenized_sequences: hour // 4 + 1 (0 = unknown)."""
-    return hour // HOURS_PER_TOD_BUCKET + 1
 
 
 @dataclass(frozen=True)
@@ -45,8 +43,9 @@ class History:
 
 
 @dataclass(frozen=True)
-class RequestContext:
-    """Context of the recommendation request: it fills the [MASK] position (as in training)."""
+class MaskContext:
+    """Context tokens' values at the [MASK] position, resolved from a request (schemas.RequestContext)
+    and the user's stored features: the request time's time-of-day token, device and segment."""
 
     tod: int = 0
     device: str | None = None
@@ -62,7 +61,7 @@ class Encoded:
 
 def encode(
     history: History,
-    request: RequestContext,
+    request: MaskContext,
     vocabulary: Vocabulary,
     max_len: int,
     input_names: Sequence[str],
@@ -74,7 +73,7 @@ def encode(
     if not keep:
         return None
     seen = np.unique(np.fromiter((lookup[history.item_ids[i]] for i in keep), dtype=np.int64, count=len(keep)))
-    window = keep[-(max_len - 1) :]
+    window = keep[-history_length(max_len) :]
     width = len(window) + 1
 
     def per_position(values: Sequence[object] | None, convert: object, last: int) -> np.ndarray:
@@ -90,7 +89,7 @@ def encode(
         "exclude": seen.reshape(1, -1),
     }
     if "tod" in input_names:
-        feeds["tod"] = per_position(history.tod, lambda v: int(v) if 0 <= int(v) <= TIME_OF_DAY_BUCKETS else 0, request.tod)
+        feeds["tod"] = per_position(history.tod, lambda v: valid_time_of_day_token(int(v)), request.tod)
     if "devices" in input_names:
         feeds["devices"] = per_position(
             history.devices, lambda v: vocabulary.devices.get(v or "", 0), vocabulary.devices.get(request.device or "", 0)
@@ -100,7 +99,7 @@ def encode(
         feeds["segments"] = np.full((1, width), segment_token, dtype=np.int64)
     if "event_types" in input_names:
         # The event type of the [MASK] position is the unknown outcome: 0, as in training.
-        feeds["event_types"] = per_position(history.event_types, lambda v: EVENT_TYPE_TOKENS.get(v, 0), 0)
+        feeds["event_types"] = per_position(history.event_types, lambda v: EVENT_TYPE_TOKENS.get(v, UNKNOWN_CONTEXT_TOKEN), UNKNOWN_CONTEXT_TOKEN)
     return Encoded(feeds=feeds, seen_tokens=seen, n_known=len(keep))
 
 
@@ -165,7 +164,7 @@ class OnnxRanker:
         """Real inferences at load: a broken graph is refused before traffic arrives, and the fastest
         run's time (`inference_ms`) tells the service whether inference may block its event loop."""
         probe = History(item_ids=[self.vocabulary.item_id(FIRST_ITEM_TOKEN)])
-        encoded = encode(probe, RequestContext(), self.vocabulary, self.max_len, self.input_names)
+        encoded = encode(probe, MaskContext(), self.vocabulary, self.max_len, self.input_names)
         assert encoded is not None
         timings = []
         try:

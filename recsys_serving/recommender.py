@@ -19,7 +19,7 @@ import anyio.to_thread
 import onnxruntime as ort
 from cachetools import TTLCache
 
-from recsys_serving.bundle import FIRST_ITEM_TOKEN, BundleRefused, LoadedBundle, Popularity, load_bundle, salvage_popularity
+from recsys_serving.bundle import BundleRefused, LoadedBundle, Popularity, load_bundle, salvage_popularity
 from recsys_serving.event_log import EventLog, canonical_record
 from recsys_serving.feature_client import (
     FeatureStoreClient,
@@ -29,7 +29,8 @@ from recsys_serving.feature_client import (
 )
 from recsys_serving.invalidation import SharedStamps
 from recsys_serving.metrics import ServiceMetrics
-from recsys_serving.model import History, OnnxRanker, RequestContext, encode, tod_bucket
+from recsys_serving.contract import FIRST_ITEM_TOKEN, time_of_day_token_of
+from recsys_serving.model import History, OnnxRanker, MaskContext, encode
 from recsys_serving.schemas import (
     MAX_K,
     MODEL_REASON,
@@ -280,7 +281,7 @@ class Recommender:
                     break
         return Answer(items=tuple(items), model_version=self.model_version, reason=reason.value)
 
-    async def _run_model(self, history: History, request: RequestContext, started: float) -> Answer | FallbackReason:
+    async def _run_model(self, history: History, request: MaskContext, started: float) -> Answer | FallbackReason:
         assert self.ranker is not None and self.bundle is not None
         ranker = self.ranker
         encoded = encode(history, request, ranker.vocabulary, ranker.max_len, ranker.input_names)
@@ -326,7 +327,7 @@ class Recommender:
         ctx = req.context
         device = ctx.device if ctx else None
         ts = (ctx.ts if ctx and ctx.ts else None) or datetime.now(timezone.utc)
-        tod = tod_bucket((ts if ts.tzinfo is None else ts.astimezone(timezone.utc)).hour)
+        tod = time_of_day_token_of(ts)
         segment = ctx.segment if ctx else None
 
         use_cache = req.recent_items is None
@@ -359,7 +360,7 @@ class Recommender:
         if self.ranker is None:
             answer = self._fallback(FallbackReason.MODEL_UNAVAILABLE, set(history.item_ids), device, segment)
             return answer.response(req.k, cached=False)
-        result = await self._run_model(history, RequestContext(tod=tod, device=device, segment=segment), started)
+        result = await self._run_model(history, MaskContext(tod=tod, device=device, segment=segment), started)
         answer = (
             result
             if isinstance(result, Answer)

@@ -1,6 +1,6 @@
 """BentoML service: POST /recommend, POST /events, GET /healthz, GET /metrics.
 
-    bentoml serve recsys_serving.service:RecommenderService --host 127.0.0.1 --port 3000
+    bentoml serve recsys_serving.service:RecommenderService --host 127.0.0.1 --port 3100
 
 Routing notes (BentoML 1.4): /healthz, /livez, /readyz and /metrics are BentoML system routes
 matched before any mounted app, so /healthz is answered by `ApiGuard` (an ASGI middleware, which

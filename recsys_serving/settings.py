@@ -1,47 +1,75 @@
-"""Serving configuration, read once from the environment (12-factor: the same image runs everywhere)."""
+"""Serving configuration, read once from the environment (12-factor: the same image runs everywhere).
+
+Field `x` is read from the variable `RECSYS_X` (pydantic-settings' `env_prefix`); the one variable
+whose name does not follow that rule, RECSYS_BUNDLE, is the field's `validation_alias` (with
+`populate_by_name`, RECSYS_BUNDLE_PATH is read too). Names are case-insensitive; an empty variable
+counts as unset. recsys_serving/README.md lists the variables.
+"""
 
 from __future__ import annotations
 
-import os
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
+from pydantic_settings import BaseSettings, EnvSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
 
-_PACKAGE_PARENT = Path(__file__).resolve().parent.parent
+from recsys_serving.contract import DEFAULT_RECSYS_HOME, REPO_ROOT
 
-# Environment variable -> field. Kept explicit (not pydantic-settings, which is not a dependency).
-ENV_FIELDS: dict[str, str] = {
-    "RECSYS_HOME": "home",
-    "RECSYS_BUNDLE": "bundle_path",
-    "RECSYS_FEATURE_REPO": "feature_repo",
-    "RECSYS_CACHE_TTL_S": "cache_ttl_s",
-    "RECSYS_CACHE_SIZE": "cache_size",
-    "RECSYS_MODEL_TIMEOUT_MS": "model_timeout_ms",
-    "RECSYS_FEATURE_TIMEOUT_MS": "feature_timeout_ms",
-    "RECSYS_MAX_BODY_BYTES": "max_body_bytes",
-    "RECSYS_ORT_INTRA_THREADS": "ort_intra_threads",
-    "RECSYS_MODEL_CONCURRENCY": "model_concurrency",
-    "RECSYS_FEATURE_CONCURRENCY": "feature_concurrency",
-    "RECSYS_USE_GPU": "use_gpu",
-    "RECSYS_EVENT_LOG_DIR": "event_log_dir",
-    "RECSYS_WORKERS": "workers",
-    "RECSYS_EXECUTION": "execution",
-    "RECSYS_TRACE_REQUESTS": "trace_requests",
-}
+# What `from_env(environ)` reads instead of os.environ: a context variable, so a caller in another
+# thread or task keeps reading its own.
+_ENVIRON: ContextVar[Mapping[str, str] | None] = ContextVar("recsys_serving_settings_environ", default=None)
 
 
-class ServingSettings(BaseModel):
-    """Every knob of the service; `from_env()` is what the BentoML service uses."""
+class _MappingEnvSource(EnvSettingsSource):
+    """pydantic-settings' environment source over a given mapping instead of os.environ."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    def __init__(self, settings_cls: type[BaseSettings], environ: Mapping[str, str]) -> None:
+        self._environ = environ  # read by _load_env_vars, which the base __init__ calls
+        super().__init__(settings_cls)
 
-    home: Path = Field(default=_PACKAGE_PARENT / ".recsys", description="$RECSYS_HOME")
+    def _load_env_vars(self) -> Mapping[str, str | None]:
+        return {
+            (name if self.case_sensitive else name.lower()): value
+            for name, value in self._environ.items()
+            if value or not self.env_ignore_empty
+        }
+
+
+@contextmanager
+def _environment(environ: Mapping[str, str] | None) -> Iterator[None]:
+    token = _ENVIRON.set(environ)
+    try:
+        yield
+    finally:
+        _ENVIRON.reset(token)
+
+
+class ServingSettings(BaseSettings):
+    """Every knob of the service; `from_env()` is what the BentoML service uses.
+
+    Keyword arguments win over the environment, which wins over the defaults.
+    """
+
+    model_config = SettingsConfigDict(
+        env_prefix="RECSYS_",
+        env_ignore_empty=True,  # `RECSYS_X=` means the default, as an unset variable does
+        env_file=None,  # the environment only: no .env file changes what a deployed image does
+        extra="forbid",  # a misspelt keyword fails instead of being ignored
+        frozen=True,
+        populate_by_name=True,  # `bundle_path=` works as a keyword although the variable is RECSYS_BUNDLE
+    )
+
+    home: Path = Field(default=DEFAULT_RECSYS_HOME, description="$RECSYS_HOME (recsys_serving.contract)")
     bundle_path: Path | None = Field(
         default=None,
+        validation_alias="RECSYS_BUNDLE",
         description="bundle directory; None = <bento>/bundle when embedded, else $RECSYS_HOME/bundles/current",
     )
-    feature_repo: Path = Field(default=_PACKAGE_PARENT / "feature_repo", description="Feast repository")
+    feature_repo: Path = Field(default=REPO_ROOT / "feature_repo", description="Feast repository")
     cache_ttl_s: float = Field(default=30.0, gt=0, description="answers older than this are recomputed")
     cache_size: int = Field(default=100_000, ge=1, description="users whose answers are cached")
     model_timeout_ms: float = Field(default=250.0, gt=0, description="queueing + inference budget")
@@ -49,8 +77,8 @@ class ServingSettings(BaseModel):
     max_body_bytes: int = Field(default=64 * 1024, ge=1024, description="larger request bodies get 413")
     ort_intra_threads: int = Field(
         default=2, ge=1,
-        description="ONNX Runtime threads per inference; 2 met every latency goal on 2 cores with 2 workers, "
-        "1 did not (README, serving)",
+        description="ONNX Runtime threads per inference; the README (serving) shows why 2 is the default "
+        "with 2 workers on 2 cores",
     )
     model_concurrency: int = Field(default=2, ge=1, description="inferences running at once")
     feature_concurrency: int = Field(default=2, ge=1, description="feature store reads running at once")
@@ -69,21 +97,34 @@ class ServingSettings(BaseModel):
     trace_requests: bool = Field(
         default=False,
         description="OpenTelemetry spans for /recommend and /events (BentoML's tracing config decides "
-        "where they go); off, the tracing middleware skips them: ~0.6 ms of CPU per request, sampled or not",
+        "where they go); off, the tracing middleware skips them, since spans cost CPU on every request, "
+        "sampled or not",
     )
 
     @classmethod
-    def from_env(cls, environ: dict[str, str] | None = None, **overrides: object) -> "ServingSettings":
-        env = os.environ if environ is None else environ
-        values: dict[str, object] = {field: env[var] for var, field in ENV_FIELDS.items() if env.get(var)}
-        values.update(overrides)
-        return cls.model_validate(values)
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        environ = _ENVIRON.get()
+        env = env_settings if environ is None else _MappingEnvSource(settings_cls, environ)
+        return init_settings, env
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> "ServingSettings":
+        """Settings from `environ` (default os.environ), keyword `overrides` taking precedence."""
+        with _environment(environ):
+            return cls(**overrides)
 
     def resolved_bundle_path(self) -> Path:
         """Explicit path, else a bundle embedded next to the package (a bento), else the promoted one."""
         if self.bundle_path is not None:
             return self.bundle_path.expanduser()
-        embedded = _PACKAGE_PARENT / "bundle"
+        embedded = REPO_ROOT / "bundle"
         if (embedded / "manifest.json").exists():
             return embedded
         return self.home.expanduser() / "bundles" / "current"

@@ -18,7 +18,7 @@ from recsys_assets.evaluation.baselines import (
 from recsys_assets.evaluation.metrics import full_ranks, ranking_metrics
 from recsys_assets.evaluation.protocol import as_scorer, evaluate, fit_sequences, make_eval_set
 
-BEAUTY = Path("/work/shared/data/amazon_beauty/Beauty.txt")
+BEAUTY = Path(__file__).resolve().parents[2] / "shared" / "data" / "amazon_beauty" / "Beauty.txt"  # ../shared/data
 
 # Items are tokens 2..6 (vocab 7).
 TOY = [np.array([2, 3, 4]), np.array([2, 3]), np.array([3, 5, 3]), np.array([6])]

@@ -11,7 +11,7 @@ from pydantic import ValidationError
 
 from recsys_assets.bert4rec.model import BERT4Rec, BERT4RecConfig, load_model, save_model
 from recsys_assets.bert4rec.presets import PRESETS, build_configs
-from recsys_assets.data.schema import MASK_TOKEN, PAD_TOKEN
+from recsys_serving.contract import MASK_TOKEN, PAD_TOKEN
 
 V = 40
 

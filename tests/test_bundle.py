@@ -15,7 +15,6 @@ import pytest
 import torch
 
 from recsys_assets.bert4rec.model import BERT4Rec, BERT4RecConfig
-from recsys_assets.data import schema
 from recsys_assets.export.bundle import (
     CURRENT,
     champion_metrics,
@@ -34,9 +33,8 @@ from recsys_assets.export.bundle import (
 from recsys_assets.export.onnx_export import ExportReport, export_onnx
 from recsys_serving import bundle as fmt
 from recsys_serving.bundle import BundleRefused, load_bundle, salvage_popularity, verify_bundle
-from recsys_serving.event_log import CANONICAL_FIELDS
 from recsys_serving.metrics import ServiceMetrics
-from recsys_serving.model import History, OnnxRanker, RequestContext, encode
+from recsys_serving.model import History, OnnxRanker, MaskContext, encode
 from recsys_serving.recommender import Recommender
 from recsys_serving.schemas import RecommendRequest
 from recsys_serving.settings import ServingSettings
@@ -92,15 +90,6 @@ def _writable_copy(src: Path, dst: Path) -> Path:
     return dst
 
 
-def test_constants_match_the_training_schema() -> None:
-    assert (fmt.PAD_TOKEN, fmt.MASK_TOKEN, fmt.FIRST_ITEM_TOKEN) == (
-        schema.PAD_TOKEN, schema.MASK_TOKEN, schema.FIRST_ITEM_TOKEN,
-    )
-    assert fmt.EVENT_TYPE_TOKENS == schema.EVENT_TYPE_TOKENS
-    assert fmt.TIME_OF_DAY_BUCKETS == schema.TIME_OF_DAY_BUCKETS
-    assert CANONICAL_FIELDS == tuple(schema.CANONICAL_COLUMNS)
-
-
 def test_bundle_is_complete_write_once_and_loads(tmp_path: Path, exported: tuple[BERT4RecConfig, ExportReport]) -> None:
     path = _write(tmp_path, exported, "v1")
     manifest = verify_bundle(path)
@@ -139,7 +128,7 @@ def test_quantized_bundle_serves_the_fp32_ranking(tmp_path: Path) -> None:
         history = History(item_ids=items, devices=["mobile"] * len(items))
         answers = {}
         for table, ranker in rankers.items():
-            encoded = encode(history, RequestContext(tod=2, device="mobile"), ranker.vocabulary, ranker.max_len,
+            encoded = encode(history, MaskContext(tod=2, device="mobile"), ranker.vocabulary, ranker.max_len,
                              ranker.input_names)
             assert encoded is not None
             answers[table] = ranker.decode(*ranker.rank(encoded.feeds), k=10)
@@ -340,12 +329,13 @@ def test_export_assets_materialize_end_to_end(tmp_path: Path, monkeypatch: pytes
     artifacts.mkdir()
     (artifacts / "bert4rec_model.json").write_text(json.dumps({"path": str(tmp_path / "model")}))
     (artifacts / "evaluation_report.json").write_text(json.dumps({"metrics_json": str(metrics_path), "run_id": "r1"}))
+    (artifacts / "feast_online_store.json").write_text(json.dumps({"max_len": 50}))
 
     upstream = [
         SourceAsset(AssetKey(name), io_manager_key=key)
         for name, key in [
             ("bert4rec_model", "artifact_io_manager"), ("evaluation_report", "artifact_io_manager"),
-            ("tokenized_sequences", "warehouse_io_manager"), ("item_vocabulary", "warehouse_io_manager"),
+            ("feast_online_store", "artifact_io_manager"), ("tokenized_sequences", "warehouse_io_manager"), ("item_vocabulary", "warehouse_io_manager"),
             ("context_vocabulary", "warehouse_io_manager"), ("cleaned_interactions", "warehouse_io_manager"),
         ]
     ]
@@ -354,7 +344,7 @@ def test_export_assets_materialize_end_to_end(tmp_path: Path, monkeypatch: pytes
         resources={"warehouse_io_manager": DuckDBTableIOManager(), "artifact_io_manager": JsonArtifactIOManager()},
         run_config={
             "ops": {
-                "onnx_model": {"config": {"parity_sequences": 300, "min_parity_sequences": 200, "latency_repeats": 5}},
+                "onnx_model": {"config": {"parity_sequences": 300, "min_parity_sequences": 200}},
                 "tensorrt_engine": {"config": {"parity_sequences": 300}},
                 "model_bundle": {"config": {"popularity_min_group_events": 10}},
                 "bento": {"config": {"bentoml_home": str(tmp_path / "bentoml")}},

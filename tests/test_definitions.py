@@ -36,6 +36,32 @@ def test_definitions_load_every_stage() -> None:
     assert {"counts_reconcile", "no_null_ids", "time_ordered", "sequences_valid", "online_matches_offline"} <= checks
 
 
+@pytest.mark.parametrize("query", ["*evaluation_report", "cleaned_interactions", "quarantined_events"])
+def test_selections_that_split_the_cleaning_multi_asset_resolve(query: str) -> None:
+    """`dagster asset materialize --select '*evaluation_report'` takes cleaned_interactions but not
+    quarantined_events: the cleaning multi-asset must be subsettable (DagsterInvalidSubsetError otherwise)."""
+    from dagster import AssetKey, AssetSelection
+
+    from recsys_assets.definitions import defs
+
+    graph = defs.resolve_asset_graph()
+    selection = AssetSelection.from_string(query)
+    keys = selection.resolve(graph)
+    checks = selection.resolve_checks(graph)
+    assert (AssetKey("cleaned_interactions") in keys) != (AssetKey("quarantined_events") in keys)
+    # counts_reconcile follows cleaned_interactions: it is checked on the cleaning pass itself.
+    cleaned_checks = {"counts_reconcile", "no_null_ids", "time_ordered"}
+    names = {c.name for c in checks}
+    assert cleaned_checks <= names if AssetKey("cleaned_interactions") in keys else not cleaned_checks & names
+    job = defs.resolve_implicit_global_asset_job_def().get_subset(asset_selection=keys, asset_check_selection=checks)
+    assert "clean_raw_events" in {node.name for node in job.graph.node_defs}
+    if query == "*evaluation_report":
+        assert {k.to_user_string() for k in keys} == {
+            "raw_events", "cleaned_interactions", "item_vocabulary", "context_vocabulary", "tokenized_sequences",
+            "bert4rec_model", "baselines", "evaluation_report",
+        }
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -82,9 +82,9 @@ def _oracle(eval_set: EvalSet, vocab: int, wrong_every: int = 0):
     """Scores the target highest, except for every `wrong_every`-th user where it scores lowest."""
     lookup = {tuple(h.tolist()): int(t) for h, t in zip(eval_set.histories, eval_set.targets)}
 
-    def score(histories, context):
-        out = np.zeros((len(histories), vocab))
-        for i, h in enumerate(histories):
+    def score(batch):
+        out = np.zeros((len(batch), vocab))
+        for i, h in enumerate(batch.histories):
             t = lookup[tuple(h.tolist())]
             out[i, t] = -1.0 if wrong_every and t % wrong_every == 0 else 1.0
         return out
@@ -127,11 +127,11 @@ def test_evaluate_many_shares_negatives_and_rejects_bad_scorer() -> None:
     eval_set = make_eval_set(rows, "valid")
     rng = np.random.default_rng(5)
     fixed = rng.random(60)
-    const = lambda h, c: np.tile(fixed, (len(h), 1))  # noqa: E731
+    const = lambda b: np.tile(fixed, (len(b), 1))  # noqa: E731
     a = evaluate_many({"a": const, "b": const}, eval_set, counts, protocols=("sampled_pop30",), n_bootstrap=50)
     assert np.array_equal(a["a"].ranks["sampled_pop30"], a["b"].ranks["sampled_pop30"])
     with pytest.raises(ValueError, match="scorer returned shape"):
-        evaluate(lambda h, c: np.zeros((1, 60)), eval_set, counts, protocols=("full",))
+        evaluate(lambda b: np.zeros((1, 60)), eval_set, counts, protocols=("full",))
 
 
 def test_bootstrap_intervals() -> None:
@@ -180,8 +180,8 @@ def test_write_report_and_latest(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     fixed = np.random.default_rng(2).random(60)
     scorers = {
         "bert4rec": _oracle(eval_set, 60, wrong_every=3),
-        "popularity": lambda h, c: np.tile(counts, (len(h), 1)),
-        "item_knn": lambda h, c: np.tile(fixed, (len(h), 1)),
+        "popularity": lambda b: np.tile(counts, (len(b), 1)),
+        "item_knn": lambda b: np.tile(fixed, (len(b), 1)),
     }
     results = evaluate_many(scorers, eval_set, counts, ks=(5, 10), protocols=("full", "sampled_pop20"), n_bootstrap=100)
     log = [{"epoch": e, "train_loss": 5 - e * 0.1, "valid_NDCG@10": 0.01 * e} for e in range(1, 6)]

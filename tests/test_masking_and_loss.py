@@ -14,12 +14,12 @@ from recsys_assets.bert4rec.data import (
     BatchingConfig,
     ExampleIndex,
     SequenceData,
-    assert_no_leakage,
     eval_batches,
 )
+from recsys_assets.data.split import assert_no_leakage
 from recsys_assets.bert4rec.model import BERT4Rec, BERT4RecConfig
 from recsys_assets.bert4rec.train import TrainConfig, chunked_softmax_ce, cloze_loss_sum
-from recsys_assets.data.schema import FIRST_ITEM_TOKEN, MASK_TOKEN, PAD_TOKEN
+from recsys_serving.contract import FIRST_ITEM_TOKEN, MASK_TOKEN, PAD_TOKEN
 
 
 def _data(n_users: int = 30, seed: int = 0, with_context: bool = True) -> SequenceData:
@@ -135,13 +135,13 @@ def test_eval_inputs_are_right_aligned_history_plus_mask() -> None:
     split = data.split("train")
     for rows, tokens, ctx in eval_batches(split.test, max_len=6, batch_size=4):
         for i, r in enumerate(rows):
-            history = split.test.inputs[r][-5:]
+            history = split.test.histories[r][-5:]
             row = tokens[i].numpy()
             assert row[-1] == MASK_TOKEN
             np.testing.assert_array_equal(row[-1 - len(history) : -1], history)
             assert (row[: len(row) - 1 - len(history)] == PAD_TOKEN).all()
             assert ctx["event_types"][i, -1] == 0  # the target's outcome is unknown at request time
-            u = split.test.users[r]
+            u = split.test.source_rows[r]
             assert ctx["tod"][i, -1] == data.contexts["tod"][u][-1]  # request context = the target's
 
 
@@ -244,12 +244,12 @@ def test_no_held_out_item_ever_reaches_training(fit: str) -> None:
             assert not (seen & forbidden)
     if fit == "train":
         assert set(split.valid.targets.tolist()) == valid_tokens
-        assert all(not (set(x.tolist()) & forbidden) for x in split.valid.inputs)
+        assert all(not (set(x.tolist()) & forbidden) for x in split.valid.histories)
     else:
         assert split.valid is None
         assert valid_tokens <= set(np.concatenate(split.sequences).tolist())  # folded in
     assert set(split.test.targets.tolist()) == test_tokens
-    assert all(test_tokens.isdisjoint(x.tolist()) for x in split.test.inputs)
+    assert all(test_tokens.isdisjoint(x.tolist()) for x in split.test.histories)
 
 
 def test_tuning_split_never_holds_a_test_item_and_validates_on_unseen_last_inputs() -> None:
@@ -257,10 +257,10 @@ def test_tuning_split_never_holds_a_test_item_and_validates_on_unseen_last_input
     split = data.tuning_split()
     assert split.fit == "train" and split.valid is not None
     users = [u for u, t in enumerate(data.tokens) if len(t) >= 4]
-    assert list(split.valid.users) == users
+    assert list(split.valid.source_rows) == users
     for row, u in enumerate(users):
         full = data.tokens[u]
-        np.testing.assert_array_equal(split.valid.inputs[row], full[:-2])  # input: all but the last two
+        np.testing.assert_array_equal(split.valid.histories[row], full[:-2])  # input: all but the last two
         assert split.valid.targets[row] == full[-2]
     fitted = [u for u, t in enumerate(data.tokens) if len(t) >= 2]
     assert len(split.sequences) == len(fitted)
@@ -275,7 +275,7 @@ def test_leakage_guard_raises_on_a_tampered_split() -> None:
     u = next(i for i, t in enumerate(data.tokens) if len(t) >= 3)
     split.sequences[u] = data.tokens[u][:-1]  # now reaches the validation item
     with pytest.raises(AssertionError, match="held-out"):
-        assert_no_leakage(data, split)
+        assert_no_leakage(data.user_ids, data.tokens, split)
 
 
 def test_bad_input_is_rejected_clearly(tmp_path) -> None:

@@ -3,7 +3,9 @@ the in-graph history masking / top-K, dynamic batch and length."""
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import onnx
@@ -14,11 +16,9 @@ from onnx import numpy_helper
 
 from recsys_assets.bert4rec.data import SequenceData
 from recsys_assets.bert4rec.model import BERT4Rec, BERT4RecConfig
-from recsys_assets.export.onnx_export import (
+from recsys_assets.export.onnx_export import export_onnx, model_contexts
+from recsys_assets.export.verification import (
     ParityBatch,
-    batch1_latency,
-    export_onnx,
-    model_contexts,
     parity_check,
     quantized_ranking_check,
     validation_batches,
@@ -26,10 +26,17 @@ from recsys_assets.export.onnx_export import (
 from recsys_serving.bundle import MODEL_OUTPUTS
 
 BEAUTY = Path(__file__).resolve().parents[2] / "shared" / "data" / "amazon_beauty" / "Beauty.txt"
-if not BEAUTY.exists():
-    BEAUTY = Path("/work/shared/data/amazon_beauty/Beauty.txt")
 
 torch.set_num_threads(2)
+
+
+def _benchmark(name: str) -> ModuleType:
+    """A script of benchmarks/ (not a package) as a module: its import runs no benchmark."""
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(scope="module")
@@ -178,7 +185,7 @@ def test_int8_item_table_recall_on_1000_real_validation_sequences(
     assert check.recall_at_k >= 0.99, check
     assert check.max_score_diff < 1e-4, check
     assert check.passed
-    latency = batch1_latency(model, report.path, [], 7, repeats=5)
+    latency = _benchmark("onnx_latency").batch1_latency(model, report.path, [], 7, repeats=5)
     assert latency.ort_scores_then_numpy_topk_ms is None and latency.topk_in_graph_faster is None
 
 

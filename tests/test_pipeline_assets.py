@@ -9,7 +9,8 @@ import pytest
 from dagster import materialize
 
 from recsys_assets.assets import cleaning, ingest, sequences
-from recsys_assets.data.schema import FIRST_ITEM_TOKEN, RAW_EVENTS_COLUMNS
+from recsys_serving.contract import FIRST_ITEM_TOKEN
+from recsys_assets.data.schema import RAW_EVENTS_COLUMNS
 from recsys_assets.io_manager import DuckDBTableIOManager, JsonArtifactIOManager
 from recsys_assets.resources import WarehouseResource
 
@@ -67,3 +68,42 @@ def test_real_rees46_through_the_assets(tmp_path: Path, monkeypatch: pytest.Monk
     assert raw == 17_434
     users = con.execute("SELECT count(*) FROM tokenized_sequences").fetchall()[0][0]
     assert users > 0
+
+
+def test_cleaned_interactions_without_the_quarantine(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The subset `*evaluation_report` takes: cleaned_interactions without quarantined_events. The pass
+    still reconciles, the unselected quarantine is neither stored nor left behind, and each table's
+    materialization carries the standard row count and column schema."""
+    from dagster import AssetSelection
+
+    monkeypatch.setenv("RECSYS_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("RECSYS_EVENTS_PATH", raising=False)
+    monkeypatch.delenv("RECSYS_EVENTS_FORMAT", raising=False)
+    db = str(tmp_path / "warehouse.duckdb")
+    result = materialize(
+        [*ingest.assets, *cleaning.assets, *ingest.asset_checks, *cleaning.asset_checks],
+        selection=AssetSelection.assets("raw_events", "cleaned_interactions"),
+        resources={
+            "warehouse": WarehouseResource(database=db, memory_limit="2GB"),
+            "warehouse_io_manager": DuckDBTableIOManager(database=db),
+        },
+        run_config={"ops": {"raw_events": {"config": {"synthetic_users": 300, "synthetic_items": 120}}}},
+    )
+    assert result.success
+    stored = {e.asset_key.to_user_string() for e in result.get_asset_materialization_events()}
+    assert stored == {"raw_events", "cleaned_interactions"}
+    checks = {c.check_name: c.passed for c in result.get_asset_check_evaluations()}
+    assert checks == {"raw_events_ids_unique": True, "counts_reconcile": True, "no_null_ids": True, "time_ordered": True}
+    reconcile = next(c for c in result.get_asset_check_evaluations() if c.check_name == "counts_reconcile")
+    raw, cleaned, quarantined = (reconcile.metadata[k].value for k in ("raw", "cleaned", "quarantined"))
+    assert raw == cleaned + quarantined and quarantined > 0
+    with duckdb.connect(db, read_only=True) as con:
+        tables = {r[0] for r in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
+        assert tables == {"raw_events", "cleaned_interactions"}
+        for node, table in (("raw_events", "raw_events"), ("clean_raw_events", "cleaned_interactions")):
+            meta = result.asset_materializations_for_node(node)[0].metadata
+            columns = con.execute(f"DESCRIBE {table}").fetchall()
+            assert meta["dagster/row_count"].value == con.execute(f"SELECT count(*) FROM {table}").fetchall()[0][0]
+            assert [(c.name, c.type) for c in meta["dagster/column_schema"].schema.columns] == [
+                (c[0], c[1]) for c in columns
+            ]

@@ -1,6 +1,6 @@
 """The source readers on the real public datasets of shared/data: exact counts, 0 parse errors.
 
-Expected figures are those of /work/shared/data/README.md, except two rees46 figures: the README's
+Expected figures are those of ../shared/data/README.md, except two rees46 figures: the README's
 view count (17,056) and user count (4,505) still include the partial last line that was removed
 from the file (its type counts sum to 17,435 rows for a 17,434-row file); the file itself holds
 17,055 views and 4,504 users (checked independently with Python's csv module).

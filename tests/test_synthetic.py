@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 from pydantic import ValidationError
 
-from recsys_assets.data.schema import CANONICAL_COLUMNS, EVENT_TYPES
+from recsys_serving.contract import CANONICAL_COLUMNS, EVENT_TYPES
 from recsys_assets.data.synthetic import (
     DEFAULT_CONFIG,
     NOISE_KINDS,

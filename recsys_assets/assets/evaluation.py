@@ -5,7 +5,7 @@ import json
 import time
 from functools import partial
 from pathlib import Path
-from typing import Any, Optional, cast
+from typing import Any, Literal, Mapping, cast
 
 import numpy as np
 import polars as pl
@@ -19,9 +19,9 @@ from dagster import (
     asset,
     asset_check,
 )
-from pydantic import Field, field_validator
+from pydantic import Field
 
-from recsys_assets.data.schema import FIRST_ITEM_TOKEN
+from recsys_serving.contract import FIRST_ITEM_TOKEN
 from recsys_assets.evaluation.baselines import BASELINES, fit_baselines
 from recsys_assets.evaluation.metrics import DEFAULT_KS
 from recsys_assets.evaluation.protocol import (
@@ -62,40 +62,33 @@ class BaselinesConfig(_EvalKnobs):
     pass
 
 
+GATE_TOLERANCE = 0.02  # default of EvaluationConfig.gate_tolerance
+
+
 class EvaluationConfig(_EvalKnobs):
-    split: str = Field("test", description="'valid' or 'test'")
-    fit: Optional[str] = Field(
-        None, description="'train' or 'train+valid'; default (and required): the fit the model was trained on"
+    # Literal fields: Dagster's config schema makes them enums, checked when the run is launched.
+    split: Split = Field("test", description="'valid' or 'test'")
+    # Dagster config has no Optional[Literal]: "" stands for "not set".
+    fit: Literal["", "train", "train+valid"] = Field(
+        "", description="'train' or 'train+valid'; default (and required): the fit the model was trained on"
     )
     dataset_name: str = Field("", description="shown in the report; default: the warehouse file name")
-    device: str = Field("auto", description="'auto', 'cpu' or 'cuda'")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="'auto', 'cpu' or 'cuda'")
     model_batch_size: int = Field(512, ge=1, description="users per BERT4Rec forward pass")
-    gate_tolerance: float = Field(0.02, ge=0.0, lt=1.0, description="allowed relative NDCG@10 drop vs champion")
+    gate_tolerance: float = Field(
+        GATE_TOLERANCE, ge=0.0, lt=1.0,
+        description="allowed relative NDCG@10 drop vs the champion; recorded in the report, and the "
+        "promotion gate of model_bundle uses the same",
+    )
     champion_metrics_path: str = Field(
         "", description="metrics.json of the current champion (empty: gate against baselines only)"
     )
 
-    # Dagster config has no Literal type: plain str fields, checked here with a clear message.
-    @field_validator("split")
-    @classmethod
-    def _split(cls, v: str) -> str:
-        return _one_of("split", v, ("valid", "test"))
 
-    @field_validator("fit")
-    @classmethod
-    def _fit(cls, v: Optional[str]) -> Optional[str]:
-        return None if v is None else _one_of("fit", v, tuple(FIT_DESCRIPTIONS))
-
-    @field_validator("device")
-    @classmethod
-    def _device(cls, v: str) -> str:
-        return _one_of("device", v, ("auto", "cpu", "cuda"))
-
-
-def _one_of(name: str, value: str, allowed: tuple[str, ...]) -> str:
-    if value not in allowed:
-        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
-    return value
+def report_gate_tolerance(evaluation_report: Mapping[str, Any]) -> float:
+    """The gate tolerance an evaluation_report value was produced with (model_bundle gates with it);
+    the default for reports written before it was recorded."""
+    return float(evaluation_report.get("gate_tolerance", GATE_TOLERANCE))
 
 
 def load_vocabulary(item_vocabulary: TableRef) -> tuple[np.ndarray, np.ndarray, int]:
@@ -326,6 +319,7 @@ def evaluation_report(
         "metrics": doc["models"],
         "lift": doc["lift"],
         "gate": gate,
+        "gate_tolerance": config.gate_tolerance,
         "dataset": dataset,
         "report": paths.to_dict(),
         "metrics_json": str(paths.metrics_json),
@@ -348,4 +342,4 @@ def evaluation_gate(context: AssetCheckExecutionContext, evaluation_report: dict
 assets = [baselines, evaluation_report]
 asset_checks = [evaluation_gate]
 
-__all__ = ["BASELINES", "BASELINE_NAMES", "assets", "asset_checks", "gate_passes", "load_vocabulary"]
+__all__ = ["BASELINES", "BASELINE_NAMES", "assets", "asset_checks", "gate_passes", "load_vocabulary", "report_gate_tolerance"]

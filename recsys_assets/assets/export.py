@@ -28,8 +28,10 @@ from dagster import (
 )
 from pydantic import Field
 
+from recsys_assets.assets.evaluation import report_gate_tolerance
 from recsys_assets.config import REPO_ROOT, bundles_dir, models_dir, recsys_home
 from recsys_assets.io_manager import TableRef
+from recsys_serving.contract import FEATURE_VIEW, sequence_length_mismatch
 
 GROUP = "export"
 
@@ -42,7 +44,6 @@ class OnnxModelConfig(Config):
     min_parity_sequences: int = Field(1000, ge=1, description="fail when the data has fewer")
     tolerance: float = Field(1e-4, gt=0, description="max |score difference| allowed in fp32")
     top_k: int = Field(100, ge=1, le=1000, description="top-K width inside the graph (largest k served)")
-    latency_repeats: int = Field(50, ge=5)
 
 
 def _validation_data(tokenized_sequences: TableRef, vocab_size: int, n: int) -> tuple[Any, list[str]]:
@@ -86,7 +87,8 @@ def onnx_model(
     import torch
 
     from recsys_assets.bert4rec.model import load_model
-    from recsys_assets.export.onnx_export import batch1_latency, export_onnx, model_contexts, parity_check, validation_batches
+    from recsys_assets.export.onnx_export import export_onnx, model_contexts
+    from recsys_assets.export.verification import parity_check, validation_batches
 
     torch.set_num_threads(2)
     model_dir = Path(bert4rec_model["path"])
@@ -105,11 +107,6 @@ def onnx_model(
             f">= {config.min_parity_sequences} (config min_parity_sequences)"
         )
     parity = parity_check(model, report.path, batches, tolerance=config.tolerance)
-    median_len = int(np.median([min(len(t) - 2, model_config.max_len - 1) for t in data.tokens])) + 1
-    latency = [
-        batch1_latency(model, report.path, contexts, seq_len, repeats=config.latency_repeats)
-        for seq_len in sorted({max(2, median_len), model_config.max_len})
-    ]
     context.add_output_metadata(
         {
             "onnx_path": MetadataValue.path(report.path),
@@ -124,14 +121,6 @@ def onnx_model(
             "parity_graph_topk_identical": f"{parity.topk_head_identical}/{parity.n_sequences} "
             f"(+{parity.topk_head_tie_swaps} tie swaps)",
             "parity_passed": parity.passed,
-            "latency_batch1": MetadataValue.md(
-                "| seq len | torch eager ms | ORT top-K in graph ms | ORT + numpy top-K ms | speed-up |\n|---|---|---|---|---|\n"
-                + "\n".join(
-                    f"| {r.seq_len} | {r.torch_eager_ms} | {r.ort_topk_in_graph_ms} | "
-                    f"{r.ort_scores_then_numpy_topk_ms} | {r.speedup_vs_torch}x |"
-                    for r in latency
-                )
-            ),
         }
     )
     if not parity.passed:
@@ -143,7 +132,6 @@ def onnx_model(
         "config": model_config.model_dump(),
         "export": report.model_dump(),
         "parity": parity.model_dump(),
-        "latency": [r.model_dump() for r in latency],
     }
 
 
@@ -169,13 +157,13 @@ def tensorrt_engine(
     onnx_model: dict[str, Any],
     tokenized_sequences: TableRef,
 ) -> dict[str, Any]:
-    from recsys_assets.export.onnx_export import validation_batches
     from recsys_assets.export.tensorrt_engine import (
         build_engine,
         default_profiles,
         parity_check_tensorrt,
         tensorrt_available,
     )
+    from recsys_assets.export.verification import validation_batches
 
     ok, why = tensorrt_available()
     if not ok:
@@ -219,7 +207,7 @@ def tensorrt_engine(
 
 
 class ModelBundleConfig(Config):
-    gate_tolerance: float = Field(0.02, ge=0, lt=1, description="allowed relative NDCG@10 drop vs the champion")
+    # The gate's tolerance is evaluation_report's `gate_tolerance` (one setting for both gates).
     popularity_window_days: int = Field(30, ge=0, description="popularity over the last N days (0 = all data)")
     popularity_top_global: int = Field(1000, ge=100)
     popularity_top_group: int = Field(300, ge=100)
@@ -242,6 +230,7 @@ def model_bundle(
     item_vocabulary: TableRef,
     context_vocabulary: TableRef,
     cleaned_interactions: TableRef,
+    feast_online_store: dict[str, Any],
 ) -> dict[str, Any]:
     from recsys_assets.bert4rec.model import BERT4RecConfig
     from recsys_assets.export.bundle import (
@@ -256,9 +245,13 @@ def model_bundle(
     )
     from recsys_assets.export.onnx_export import ExportReport
 
+    model_config = BERT4RecConfig.model_validate(onnx_model["config"])
+    mismatch = sequence_length_mismatch(model_config.max_len, int(feast_online_store["max_len"]))
+    if mismatch:
+        raise ValueError(f"the bundle cannot be served from the feature view {FEATURE_VIEW!r}: {mismatch}")
     root = bundles_dir()
     metrics = json.loads(Path(evaluation_report["metrics_json"]).read_text())
-    decision = evaluate_gate(root, metrics, config.gate_tolerance)
+    decision = evaluate_gate(root, metrics, report_gate_tolerance(evaluation_report))
     with duckdb.connect(item_vocabulary.database, read_only=True) as con:
         vocabulary = vocabulary_document(con, item_vocabulary.table, context_vocabulary.table)
         popularity = popularity_document(
@@ -270,7 +263,6 @@ def model_bundle(
             min_group_events=config.popularity_min_group_events,
         )
         window = data_window(con, cleaned_interactions.table)
-    model_config = BERT4RecConfig.model_validate(onnx_model["config"])
     export = ExportReport.model_validate(onnx_model["export"])
     n_tokens = len(vocabulary["items"]) + 2
     if n_tokens != model_config.vocab_size:
@@ -293,7 +285,6 @@ def model_bundle(
         export={
             "onnx": export.model_dump(),
             "parity": onnx_model.get("parity"),
-            "latency": onnx_model.get("latency"),
             "tensorrt": {k: tensorrt_engine.get(k) for k in ("built", "reason", "engine", "parity")},
             "model_dir": onnx_model.get("model_dir"),
             "evaluation_run": evaluation_report.get("run_id"),
@@ -414,7 +405,7 @@ def bento(context: AssetExecutionContext, config: BentoConfig, model_bundle: dic
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     context.log.info(f"built bento {tag} with bundle {version}")
-    serve = f"BENTOML_HOME={home} bentoml serve {tag} --host 127.0.0.1 --port 3000"
+    serve = f"BENTOML_HOME={home} bentoml serve {tag} --host 127.0.0.1 --port 3100"
     containerize = f"BENTOML_HOME={home} bentoml containerize {tag}"
     context.add_output_metadata(
         {"tag": tag, "bundle_version": version, "bentoml_home": home, "serve": serve, "containerize": containerize}

@@ -12,6 +12,7 @@ store (SQLite by default, Redis with RECSYS_FEAST_ONLINE_STORE=redis).
 import os
 from datetime import datetime
 from pathlib import Path
+from typing import Literal
 
 import duckdb
 import matplotlib
@@ -22,6 +23,7 @@ from dagster import (
     AssetCheckExecutionContext,
     AssetCheckResult,
     AssetExecutionContext,
+    AssetKey,
     Config,
     MetadataValue,
     asset,
@@ -29,11 +31,11 @@ from dagster import (
 )
 from pydantic import Field
 
-from recsys_assets.assets.metadata import figure_markdown, table_markdown
+from recsys_assets.assets.metadata import REPEATED_VIEW_RULE_METADATA, figure_markdown, table_markdown, table_metadata
 from recsys_assets.config import REPO_ROOT, recsys_home
 from recsys_assets.data.user_features import (
     FEATURE_FILE,
-    TIMESTAMP_FIELD,
+    Granularity,
     UserFeaturesConfig,
     apply_feature_repo,
     build_user_sequence_features,
@@ -42,6 +44,7 @@ from recsys_assets.data.user_features import (
 )
 from recsys_assets.io_manager import TableRef
 from recsys_assets.resources import WarehouseResource
+from recsys_serving.contract import TIMESTAMP_FIELD, RepeatedViewRule
 from recsys_serving.feature_client import FeatureStoreClient, load_feature_store, resolve_online_store
 
 
@@ -52,7 +55,7 @@ def feature_repo_path() -> Path:
 
 class UserSequenceFeaturesConfig(Config):
     max_len: int = Field(50, ge=1, le=4096, description="Latest events kept per user.")
-    granularity: str = Field(
+    granularity: Granularity = Field(
         "day", description="Snapshot rows per user: 'event' (exact point in time), 'session' or 'day'."
     )
 
@@ -68,7 +71,7 @@ def user_sequence_features(
     warehouse: WarehouseResource,
     cleaned_interactions: TableRef,
 ) -> dict:
-    settings = UserFeaturesConfig(max_len=config.max_len, granularity=config.granularity)  # type: ignore[arg-type]
+    settings = UserFeaturesConfig(max_len=config.max_len, granularity=config.granularity)
     out = recsys_home() / "features" / FEATURE_FILE
     with warehouse.connect() as con:
         stats = build_user_sequence_features(con, cleaned_interactions.table, out, settings)
@@ -84,6 +87,7 @@ def user_sequence_features(
             f"(PARTITION BY user_id ORDER BY {TIMESTAMP_FIELD} DESC) = 1",
             params=[str(out)],
         ).pl()["n"]
+        table = table_metadata(con, "read_parquet('{}')".format(str(out).replace("'", "''")))
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.hist(lengths.to_list(), bins=min(50, settings.max_len))
     ax.set(xlabel=f"events in the latest sequence (max {settings.max_len})", ylabel="users", title="Online sequence lengths")
@@ -100,14 +104,26 @@ def user_sequence_features(
             "event_time_range": f"{stats.min_event_timestamp} .. {stats.max_event_timestamp}",
             "sequence_lengths": figure_markdown(fig, "lengths"),
             "latest_preview": table_markdown(latest),
+            **table,
         }
     )
-    return {**stats.model_dump(mode="json"), "run_id": context.run.run_id}
+    rule = _cleaning_repeated_view_rule(context)
+    return {**stats.model_dump(mode="json"), "repeated_view_rule": rule.tag(), "run_id": context.run.run_id}
+
+
+def _cleaning_repeated_view_rule(context: AssetExecutionContext) -> RepeatedViewRule:
+    """The repeated-view rule cleaned_interactions was last built with (the default where unrecorded)."""
+    event = context.instance.get_latest_materialization_event(AssetKey("cleaned_interactions"))
+    metadata = event.asset_materialization.metadata if event and event.asset_materialization else {}
+    recorded = metadata.get(REPEATED_VIEW_RULE_METADATA)
+    return RepeatedViewRule.from_tag(str(recorded.value) if recorded is not None else None)
 
 
 class FeastOnlineStoreConfig(Config):
-    online_store: str = Field("", description="'sqlite' | 'redis'; empty = $RECSYS_FEAST_ONLINE_STORE or sqlite.")
-    method: str = Field(
+    online_store: Literal["", "sqlite", "redis"] = Field(
+        "", description="'sqlite' | 'redis'; empty = $RECSYS_FEAST_ONLINE_STORE or sqlite."
+    )
+    method: Literal["duckdb", "feast"] = Field(
         "duckdb",
         description="'duckdb': latest row per user computed out of core and streamed in; "
         "'feast': Feast's own materialize (Dask, in memory; small data).",
@@ -124,12 +140,12 @@ class FeastOnlineStoreConfig(Config):
 def feast_online_store(
     context: AssetExecutionContext, config: FeastOnlineStoreConfig, user_sequence_features: dict
 ) -> dict:
-    if config.method not in ("duckdb", "feast"):
-        raise ValueError(f"method must be 'duckdb' or 'feast', got {config.method!r}")
     repo = feature_repo_path()
     kind = resolve_online_store(config.online_store or None)
     store = load_feature_store(repo, kind)
-    applied = apply_feature_repo(store, repo, max_len=int(user_sequence_features["max_len"]))
+    max_len = int(user_sequence_features["max_len"])
+    rule = RepeatedViewRule.from_tag(user_sequence_features.get("repeated_view_rule"))
+    applied = apply_feature_repo(store, repo, max_len=max_len, repeated_view_rule=rule)
     context.log.info(f"feast apply ({kind}): {applied}")
     path = user_sequence_features["path"]
     if config.method == "duckdb":
@@ -160,6 +176,8 @@ def feast_online_store(
         "online_store": kind,
         "feature_path": path,
         "method": config.method,
+        "max_len": max_len,
+        "repeated_view_rule": rule.tag(),
         **stats.model_dump(mode="json"),
         "run_id": context.run.run_id,
     }

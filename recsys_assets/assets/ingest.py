@@ -4,6 +4,7 @@
 import hashlib
 import os
 from pathlib import Path
+from typing import Literal, get_args
 
 import duckdb
 from dagster import (
@@ -25,11 +26,19 @@ from recsys_assets.io_manager import TableQuery
 from recsys_assets.resources import WarehouseResource
 
 
+# Spelled out (Dagster turns a Literal into an enum of the config schema); "" = the environment's.
+EventsFormat = Literal[
+    "", "synthetic", "rees46", "retailrocket", "otto", "sasrec", "amazon", "diginetica", "parquet", "csv"
+]
+if set(get_args(EventsFormat)) != {"", "synthetic", *sources.FORMATS}:
+    raise ImportError(f"EventsFormat {get_args(EventsFormat)} differs from the source formats {sources.FORMATS}")
+
+
 class RawEventsConfig(Config):
     """Where the events come from; empty fields fall back to the environment, then to synthetic data."""
 
     events_path: str = Field("", description="File, directory or glob; default $RECSYS_EVENTS_PATH.")
-    events_format: str = Field(
+    events_format: EventsFormat = Field(
         "", description=f"synthetic | {' | '.join(sources.FORMATS)}; default $RECSYS_EVENTS_FORMAT or synthetic."
     )
     synthetic_users: int | None = Field(None, description="Override the generator's number of users.")
@@ -44,7 +53,7 @@ class RawEventsConfig(Config):
         path = self.events_path or os.environ.get("RECSYS_EVENTS_PATH", "")
         if fmt != "synthetic" and not path:
             raise ValueError(f"events format {fmt!r} needs a path: set RECSYS_EVENTS_PATH or events_path")
-        if fmt not in ("synthetic", *sources.FORMATS):
+        if fmt not in ("synthetic", *sources.FORMATS):  # $RECSYS_EVENTS_FORMAT (config is an enum)
             raise ValueError(f"unknown events format {fmt!r}; expected synthetic or one of {sources.FORMATS}")
         return fmt, path
 
@@ -106,7 +115,7 @@ def raw_events(context: AssetExecutionContext, config: RawEventsConfig, warehous
             "preview": table_markdown(preview),
         }
     )
-    return TableQuery(sql=None)  # written in place by the reader
+    return TableQuery()  # written in place by the reader
 
 
 @asset_check(asset=raw_events, description="event_id identifies a row: unique and never null.")

@@ -15,7 +15,7 @@ from dagster import (
 )
 
 from recsys_assets.assets.metadata import figure_markdown, table_markdown
-from recsys_assets.data.schema import FIRST_ITEM_TOKEN
+from recsys_serving.contract import FIRST_ITEM_TOKEN
 from recsys_assets.data.sequences import build_context_vocabulary, build_item_vocabulary, tokenize_sequences
 from recsys_assets.io_manager import TableQuery, TableRef
 from recsys_assets.resources import WarehouseResource
@@ -46,7 +46,7 @@ def item_vocabulary(
             "popularity_curve": figure_markdown(fig, "popularity"),
         }
     )
-    return TableQuery(sql=None)
+    return TableQuery()
 
 
 @asset(
@@ -60,7 +60,7 @@ def context_vocabulary(
     with warehouse.connect() as con:
         sizes = build_context_vocabulary(con, cleaned_interactions.table, "context_vocabulary")
     context.add_output_metadata({"values_by_kind": MetadataValue.json(sizes)})
-    return TableQuery(sql=None)
+    return TableQuery()
 
 
 @asset(
@@ -98,7 +98,7 @@ def tokenized_sequences(
             "preview": table_markdown(preview),
         }
     )
-    return TableQuery(sql=None)
+    return TableQuery()
 
 
 @asset_check(asset=item_vocabulary, blocking=True, description="Tokens unique and contiguous; every item has one.")

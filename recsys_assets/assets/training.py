@@ -14,7 +14,7 @@ from recsys_assets.bert4rec.model import load_model
 from recsys_assets.bert4rec.presets import PRESETS, build_configs
 from recsys_assets.bert4rec.train import TrainEvent, train
 from recsys_assets.config import models_dir
-from recsys_assets.data.schema import EVENT_TYPE_TOKENS, TIME_OF_DAY_BUCKETS
+from recsys_serving.contract import EVENT_TYPE_TOKENS, TIME_OF_DAY_BUCKETS
 from recsys_assets.io_manager import TableRef
 
 
@@ -36,13 +36,13 @@ class BERT4RecTrainingConfig(Config):
     batch_size: int | None = Field(None, ge=1)
     lr: float | None = Field(None, gt=0.0)
     mask_prob: float | None = Field(None, ge=0.0, le=1.0)
-    windows: str = Field("", description="last | prefixes (empty: the preset's)")
-    loss: str = Field("", description="full | sampled (empty: the preset's)")
+    windows: Literal["", "last", "prefixes"] = Field("", description="last | prefixes (empty: the preset's)")
+    loss: Literal["", "full", "sampled"] = Field("", description="full | sampled (empty: the preset's)")
     num_negatives: int | None = Field(None, ge=1)
     patience: int | None = Field(None, ge=1)
     seed: int | None = None
     num_threads: int | None = Field(None, ge=1)
-    device: str = Field("", description="auto | cpu | cuda (empty: the preset's)")
+    device: Literal["", "auto", "cpu", "cuda"] = Field("", description="auto | cpu | cuda (empty: the preset's)")
     model_overrides_json: str = Field("", description='any other model field, e.g. {"ffn_mult": 2}')
     train_overrides_json: str = Field("", description='any other training field, e.g. {"label_smoothing": 0.1}')
     log_every_steps: int = Field(200, ge=1, description="progress lines in the run log")

@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from recsys_assets.data.schema import FIRST_ITEM_TOKEN, MASK_TOKEN, PAD_TOKEN, TIME_OF_DAY_BUCKETS
+from recsys_serving.contract import FIRST_ITEM_TOKEN, MASK_TOKEN, PAD_TOKEN, TIME_OF_DAY_BUCKETS
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -89,7 +89,7 @@ class FastDropout(nn.Dropout):
     """Inverted dropout whose CPU mask comes from numpy's PCG64 generator.
 
     Written by hand because PyTorch's CPU ``bernoulli_`` draws one Mersenne-Twister number per
-    element: it took over a third of a training step here. The seed of each mask is drawn from
+    element, a large share of a CPU training step. The seed of each mask is drawn from
     torch's global generator, so runs stay reproducible and a restored RNG state replays the
     same masks. The drop probability is rounded to a multiple of 1/65536. CUDA uses F.dropout.
     """

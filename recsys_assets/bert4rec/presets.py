@@ -49,7 +49,7 @@ PRESETS: dict[str, Preset] = {
         ),
         Preset(
             name="synthetic",
-            description="Small and fast for the generated data of `make run` (about 2 minutes on 2 cores); "
+            description="Small and fast, for the generated data of `make run`; "
             "it beats the last-item baseline there (README: `make run` figures).",
             model={**SMALL_NETWORK, "max_len": 20},
             train={
@@ -76,9 +76,9 @@ PRESETS: dict[str, Preset] = {
         ),
         Preset(
             name="beauty-small",
-            description="Amazon Beauty on a small network (hidden 64, one block): over 10x cheaper per epoch than "
-            "`beauty`, a little less accurate (tuning NDCG@10 0.053 against 0.058). Batch 512 at lr 4e-3: "
-            "the same tuning NDCG@10 as 256 at 3e-3 (0.0528 / 0.0529) in 28% less time per epoch.",
+            description="Amazon Beauty on a small network (hidden 64, one block): far cheaper per epoch than "
+            "`beauty`, a little less accurate. Batch 512 at lr 4e-3: the tuning NDCG@10 of 256 at 3e-3 in "
+            "less time per epoch (README: training time on 2 cores).",
             model=SMALL_NETWORK,
             train={
                 "epochs": 6,

@@ -31,16 +31,14 @@ from recsys_assets.bert4rec.checkpoint import (
 from recsys_assets.bert4rec.data import (
     BatchBuilder,
     BatchingConfig,
-    EvalSet,
     ExampleIndex,
-    FitOption,
-    FitSplit,
     SequenceData,
     eval_batches,
 )
 from recsys_assets.bert4rec.distributed import DistContext, all_reduce_sum, barrier, broadcast_object, current_context
 from recsys_assets.bert4rec.model import BERT4Rec, BERT4RecConfig, save_model
-from recsys_assets.data.schema import FIRST_ITEM_TOKEN
+from recsys_assets.data.split import EvalSet, FitOption, FitSplit
+from recsys_serving.contract import FIRST_ITEM_TOKEN
 from recsys_assets.evaluation.metrics import full_ranks, ranking_metrics
 
 LOG_FILE = "training_log.json"
@@ -158,7 +156,7 @@ class _ChunkedSoftmaxCE(torch.autograd.Function):
     """Summed softmax cross-entropy of ``h @ table.T + bias`` without the [N, V] logit matrix.
 
     Written by hand because PyTorch has no fused linear + cross-entropy: materialising [N, V]
-    logits and their gradient makes the loss memory-bound (2.5x slower on CPU at V = 12k).
+    logits and their gradient makes the loss memory-bound on CPU once V is catalogue-sized.
     Rows are processed in chunks whose logits stay in cache, and since the loss is the end of
     the graph, the gradients are formed in the same pass (softmax - one-hot) and only scaled by
     the incoming gradient in backward.
@@ -291,8 +289,8 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
         else:
             decay.append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    # fused: one kernel per parameter group instead of ~10 elementwise ops per tensor; on CPU it
-    # cut the optimizer step of the hidden-64 Beauty model from 6.4 to about 2 ms
+    # fused: one kernel per parameter group instead of ~10 elementwise ops per tensor, whose
+    # per-op overhead dominates the optimizer step of a small model on CPU
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=True)
 
 
@@ -322,8 +320,8 @@ def resolve_amp(cfg: TrainConfig, device: torch.device, hidden: int | None = Non
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     # auto on CPU: bf16 only where the CPU multiplies bf16 in hardware (AMX) and the network is wide
-    # enough to profit. Measured on 2 Xeon cores with AMX: hidden 256 x 4 layers trains 1.65x faster
-    # in bf16; at hidden 64 the casts cost more than the smaller matmuls save; without AMX bf16 is
+    # enough to profit: a wide network's matmuls gain more than the casts cost, while at hidden 64
+    # the casts cost more than the smaller matmuls save; without AMX bf16 is
     # emulated and far slower than fp32.
     if hidden is not None and hidden >= CPU_BF16_MIN_HIDDEN and _cpu_has_amx_bf16():
         return torch.bfloat16
@@ -346,7 +344,7 @@ def keep_cpu_allocations_mapped(mmap_threshold: int = 32 << 20, trim_threshold: 
 
     A training step allocates and frees the same multi-megabyte tensors (gradients of the item
     tables, logit chunks) each time; above glibc's mmap threshold each one is a fresh mapping whose
-    pages fault in on first touch (2,400 faults per step on Beauty, about 8% of the step). Raising
+    pages fault in on first touch, on every step (README: training time on 2 cores). Raising
     the thresholds (what MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ do, set at run time with
     mallopt) keeps them in the heap. Up to ``trim_threshold`` of free heap is then kept mapped.
     Returns False where the C library is not glibc (nothing changed).

@@ -12,7 +12,8 @@ from datetime import datetime, timezone
 import duckdb
 from pydantic import BaseModel, Field, field_validator
 
-from recsys_assets.data.schema import CANONICAL_COLUMNS, EVENT_TYPES, RAW_EVENTS_COLUMNS
+from recsys_serving.contract import CANONICAL_COLUMNS, DEFAULT_REPEATED_VIEW_WINDOW_S, EVENT_TYPES, RepeatedViewRule
+from recsys_assets.data.schema import RAW_EVENTS_COLUMNS
 
 # In the order they are checked: a row gets the first reason that applies.
 REASONS: tuple[str, ...] = (
@@ -39,7 +40,9 @@ class CleaningConfig(BaseModel):
     dedupe_repeated_views: bool = Field(
         True, description="Drop a view of the item the user viewed just before (page reloads)."
     )
-    repeated_view_window_s: int = Field(1800, ge=0, description="Max gap of a repeated view, seconds.")
+    repeated_view_window_s: int = Field(
+        DEFAULT_REPEATED_VIEW_WINDOW_S, ge=0, description="Max gap of a repeated view, seconds."
+    )
     bot_max_events_per_user: int = Field(20_000, ge=1, description="More events than this: a bot.")
     bot_max_events_per_minute: int = Field(
         100, ge=1, description="More events than this in one calendar minute: a bot."
@@ -48,6 +51,11 @@ class CleaningConfig(BaseModel):
     min_item_interactions: int = Field(5, ge=1, description="k-core: interactions per item.")
     max_k_core_rounds: int = Field(50, ge=1)
     now: datetime | None = Field(None, description="Timestamps after this are 'future' (default: now).")
+
+    @property
+    def repeated_view_rule(self) -> RepeatedViewRule:
+        """The rule as serving applies it to pushed events (off when dedupe is off)."""
+        return RepeatedViewRule(self.repeated_view_window_s if self.dedupe_repeated_views else None)
 
     @field_validator("event_types")
     @classmethod
@@ -178,9 +186,7 @@ def clean_events(
         SELECT event_id, user_id, item_id, ts,
           CASE
             WHEN prev_item = item_id AND prev_type = event_type AND prev_ts = ts THEN 'duplicate'
-            WHEN {str(config.dedupe_repeated_views).lower()} AND event_type = 'view' AND prev_type = 'view'
-                 AND prev_item = item_id AND epoch(ts) - epoch(prev_ts) <= {config.repeated_view_window_s}
-              THEN 'repeated_view'
+            WHEN {config.repeated_view_rule.sql()} THEN 'repeated_view'
           END AS reason
         FROM (
           SELECT event_id, user_id, item_id, event_type, ts,

@@ -11,13 +11,14 @@ import time
 import duckdb
 from pydantic import BaseModel
 
-from recsys_assets.data.schema import (
+from recsys_serving.contract import (
     EVENT_TYPE_TOKENS,
     FIRST_ITEM_TOKEN,
     MASK_TOKEN,
     PAD_TOKEN,
     SPECIAL_TOKENS,
     TIME_OF_DAY_BUCKETS,
+    time_of_day_sql,
 )
 
 CONTEXT_KINDS: tuple[str, ...] = ("device", "segment")
@@ -94,7 +95,6 @@ def tokenize_sequences(
     """
     started = time.perf_counter()
     event_case = " ".join(f"WHEN '{name}' THEN {tok}" for name, tok in EVENT_TYPE_TOKENS.items())
-    hours_per_bucket = 24 // TIME_OF_DAY_BUCKETS
     # One sorted list of structs per user, then one column per field: a single sort per user.
     # DuckDB cannot spill an ordered list aggregate, so large tables are tokenized in hash
     # partitions of users of about PARTITION_ROWS interactions each (one partition: sorted by user_id).
@@ -106,7 +106,7 @@ def tokenize_sequences(
           SELECT c.user_id,
             list({{'t': v.token,
                   'et': (CASE c.event_type {event_case} ELSE 0 END)::TINYINT,
-                  'tod': (hour(c.ts) // {hours_per_bucket} + 1)::TINYINT,
+                  'tod': {time_of_day_sql('c.ts')}::TINYINT,
                   'd': coalesce(d.token, 0)::SMALLINT,
                   's': coalesce(s.token, 0)::SMALLINT,
                   'ts': epoch(c.ts)::BIGINT}} ORDER BY c.ts, c.event_id) AS e

@@ -7,7 +7,8 @@ from pathlib import Path
 import duckdb
 
 from recsys_assets.config import recsys_home
-from recsys_assets.data.schema import CANONICAL_COLUMNS, RAW_EVENTS_COLUMNS
+from recsys_serving.contract import CANONICAL_COLUMNS
+from recsys_assets.data.schema import RAW_EVENTS_COLUMNS
 
 
 def served_events_dir() -> Path:

@@ -45,7 +45,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from recsys_assets.data.schema import CANONICAL_COLUMNS, EVENT_TYPES
+from recsys_serving.contract import CANONICAL_COLUMNS, EVENT_TYPES
 
 # Event types a broken client might send; the cleaning stage quarantines them as unknown.
 UNKNOWN_EVENT_TYPES: tuple[str, ...] = ("wishlist", "remove_from_cart", "share", "compare")

@@ -18,7 +18,7 @@ The last snapshot of every user always holds their exact latest sequence whateve
 the online store (materialized from it) is exact.
 
 Each row: `user_id`, `event_timestamp` (TIMESTAMPTZ, UTC: time of the snapshot's last event),
-`item_ids VARCHAR[]`, `event_types VARCHAR[]`, `tod BIGINT[]` (hour // 4 + 1, UTC), `devices VARCHAR[]`
+`item_ids VARCHAR[]`, `event_types VARCHAR[]`, `tod BIGINT[]` (time-of-day tokens, UTC), `devices VARCHAR[]`
 ('' when unknown), `last_event_ts_us BIGINT` (epoch microseconds), `segment VARCHAR` (the user's
 latest known segment). Lists are oldest first and of equal length.
 
@@ -39,14 +39,18 @@ import pandas as pd
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field
 
-from recsys_serving.feature_client import (
+from recsys_serving.contract import (
+    DEFAULT_MAX_LEN,
     ENTITY_KEY,
     FEATURE_FIELDS,
-    FEATURE_REFS,
     FEATURE_VIEW,
-    TIME_OF_DAY_HOURS,
+    MAX_LEN_TAG,
+    REPEATED_VIEW_WINDOW_TAG,
     TIMESTAMP_FIELD,
+    RepeatedViewRule,
+    time_of_day_sql,
 )
+from recsys_serving.feature_client import FEATURE_REFS
 
 FEATURE_FILE = "user_sequence_features.parquet"
 DEFINITIONS_FILE = "user_sequences.py"
@@ -64,7 +68,7 @@ class UserFeaturesConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True)
 
-    max_len: int = Field(default=50, ge=1, le=4096, description="Events kept per sequence (the latest).")
+    max_len: int = Field(default=DEFAULT_MAX_LEN, ge=1, le=4096, description="Events kept per sequence (the latest).")
     granularity: Granularity = Field(default="day", description="One snapshot row per user per event|session|day.")
 
 
@@ -111,7 +115,7 @@ WITH ev AS (
            coalesce(device, '') AS device, segment
     FROM {_quote(source_table)}
 ), keyed AS (
-    SELECT *, CAST(hour(ts) // {TIME_OF_DAY_HOURS} + 1 AS BIGINT) AS tod,
+    SELECT *, CAST({time_of_day_sql("ts")} AS BIGINT) AS tod,
            {_snapshot_key(config.granularity)} AS snap_key
     FROM ev
 ), win AS (
@@ -214,9 +218,13 @@ def load_definitions(repo_path: str | Path) -> dict[str, Any]:
     return vars(module)
 
 
-def apply_feature_repo(store: Any, repo_path: str | Path, max_len: int) -> dict[str, int]:
-    """`feast apply` of feature_repo/ (creates the online tables); the feature view carries `max_len`
-    as a tag so that serving truncates pushed sequences exactly like the offline build."""
+def apply_feature_repo(
+    store: Any, repo_path: str | Path, max_len: int, repeated_view_rule: RepeatedViewRule | None = None
+) -> dict[str, int]:
+    """`feast apply` of feature_repo/ (creates the online tables). The feature view carries `max_len`
+    and the cleaning's repeated-view rule as tags, so that serving truncates and dedupes pushed events
+    exactly like the offline build."""
+    rule = repeated_view_rule or RepeatedViewRule()
     from feast import Entity, FeatureView
     from feast.data_source import DataSource
 
@@ -229,7 +237,7 @@ def apply_feature_repo(store: Any, repo_path: str | Path, max_len: int) -> dict[
     objects = [obj for obj in namespace.values() if isinstance(obj, (Entity, DataSource, FeatureView))]
     for obj in objects:
         if isinstance(obj, FeatureView):
-            obj.tags = {**obj.tags, "max_len": str(max_len)}
+            obj.tags = {**obj.tags, MAX_LEN_TAG: str(max_len), REPEATED_VIEW_WINDOW_TAG: rule.tag()}
     store.apply(objects)
     return {
         "entities": sum(isinstance(o, Entity) for o in objects),

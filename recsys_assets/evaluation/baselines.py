@@ -1,6 +1,6 @@
 """Non-neural next-item baselines: the floors BERT4Rec has to beat.
 
-Definitions follow /work/shared/QUALITY_NOTES.md (reproduced there on Amazon Beauty to within
+Definitions follow ../shared/QUALITY_NOTES.md (reproduced there on Amazon Beauty to within
 rounding, see tests/test_baselines.py):
 - popularity: interaction counts in the fit data;
 - item-kNN: cosine similarity of items over binary user co-occurrence, a user's scores are the
@@ -22,7 +22,7 @@ from typing import Any, Protocol, Sequence
 import numpy as np
 import scipy.sparse as sp
 
-from recsys_assets.data.schema import FIRST_ITEM_TOKEN
+from recsys_serving.contract import FIRST_ITEM_TOKEN
 
 
 class Recommender(Protocol):

@@ -1,6 +1,6 @@
 """Leave-one-out ranking metrics over the whole item vocabulary.
 
-Conventions (shared with /work/shared/QUALITY_NOTES.md so figures are comparable):
+Conventions (those of ../shared/QUALITY_NOTES.md, so figures are comparable):
 - scores are over the full token vocabulary (0 PAD, 1 MASK, items from ``FIRST_ITEM_TOKEN``);
   only item tokens are ranked;
 - items of the user's history are removed, the target itself stays rankable even if seen before;
@@ -16,7 +16,7 @@ from typing import Any, Hashable, Mapping, Sequence, TypeVar
 
 import numpy as np
 
-from recsys_assets.data.schema import FIRST_ITEM_TOKEN
+from recsys_serving.contract import FIRST_ITEM_TOKEN
 
 K = TypeVar("K", bound=Hashable)
 DEFAULT_KS: tuple[int, ...] = (1, 5, 10, 20)

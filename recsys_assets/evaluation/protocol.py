@@ -1,19 +1,14 @@
 """The leave-one-out evaluation protocol over `tokenized_sequences` rows.
 
-Splits (docs/DATA_CONTRACTS.md): ``valid``: input ``tokens[:-2]`` -> ``valid_item``;
-``test``: input ``tokens[:-1]`` -> ``test_item``. The input history is also the set of items
-removed from the ranking (the target stays rankable even if seen before).
-
-Fit data (what models and baselines learn from; compare only under the same one):
-``train``: ``train_tokens`` (all but the last two items); ``train+valid``: ``train_tokens`` plus
-``valid_item`` (validation folded in, for the final model). Same names as the BERT4Rec library's
-``FitOption``.
-
-Context: per-position context columns present in the rows (``event_types``, ``tod``, ``devices``,
-``segments``, ``ts``) are kept for the history positions plus one more, the request context at
-the target's position (time of day, device, segment and time are known when a recommendation is
-asked for); outcome fields (``event_types``) are 0 (unknown) at that position so the target's own
-event never leaks into its prediction.
+The split, the fit data and the eval set are `recsys_assets.data.split`'s (the same ones the
+BERT4Rec library trains and validates on): ``valid``: input ``tokens[:-2]`` -> ``tokens[-2]``
+(``valid_item``); ``test``: input ``tokens[:-1]`` -> ``tokens[-1]`` (``test_item``). The input
+history is also the set of items removed from the ranking (the target stays rankable even if seen
+before). Fit data (what models and baselines learn from; compare only under the same one):
+``train`` (all but the last two items) or ``train+valid`` (validation folded in, for the final
+model). Context columns present in the rows (``event_types``, ``tod``, ``devices``, ``segments``,
+``ts``) are kept for the history positions plus the request context at the target's position,
+outcome fields hidden there (see `recsys_assets.data.split`).
 
 Protocols: ``full`` ranks the target against every item; ``sampled_pop<n>`` against n negatives
 drawn by popularity (never the user's own items), the same negatives for every model.
@@ -28,13 +23,14 @@ from __future__ import annotations
 
 import hashlib
 import re
-from dataclasses import dataclass, field
-from typing import Any, Callable, Literal, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import polars as pl
 
-from recsys_assets.data.schema import FIRST_ITEM_TOKEN
+from recsys_assets.data.split import EvalSet, FitOption, FitSplit, Split, check_held_out_items, leave_one_out
+from recsys_serving.contract import FIRST_ITEM_TOKEN
 from recsys_assets.evaluation.metrics import (
     DEFAULT_KS,
     bootstrap_ci,
@@ -45,30 +41,28 @@ from recsys_assets.evaluation.metrics import (
     sampled_ranks,
 )
 
-Split = Literal["valid", "test"]
-FitData = Literal["train", "train+valid"]
+FitData = FitOption
 FIT_DESCRIPTIONS: dict[str, str] = {
     "train": "fit on all but the last two items of each user (train_tokens)",
     "train+valid": "fit on all but the last item of each user (validation folded in)",
 }
 CONTEXT_COLUMNS: tuple[str, ...] = ("event_types", "tod", "devices", "segments", "ts")
-OUTCOME_CONTEXT: tuple[str, ...] = ("event_types",)  # hidden (0) at the target position
 HISTORY_LENGTH_SLICES: tuple[tuple[str, int, int | None], ...] = (("1-3", 1, 3), ("4-10", 4, 10), ("11+", 11, None))
 POPULARITY_SHARES: tuple[float, float] = (0.5, 0.8)
 MAX_CATEGORY_SLICES = 8
 _SAMPLED = re.compile(r"^sampled_pop(\d+)$")
 
-# scorer(histories, context) -> [B, V] scores over the token vocabulary. `context` maps the
-# per-position context columns present in the data to arrays of len(history) + 1 (the history
-# positions, then the request context of the position to predict).
-Scorer = Callable[[Sequence[np.ndarray], Mapping[str, Sequence[np.ndarray]]], np.ndarray]
+# scorer(batch) -> [len(batch), V] scores over the token vocabulary, for a batch of an EvalSet:
+# its histories and its context (the context columns present in the data, len(history) + 1
+# entries per user: the history positions, then the request context of the position to predict).
+Scorer = Callable[[EvalSet], np.ndarray]
 
 
 def as_scorer(recommender: Any) -> Scorer:
     """A scorer from anything with ``score(histories)`` (the baselines ignore context)."""
     if not callable(getattr(recommender, "score", None)):
         raise TypeError(f"{type(recommender).__name__} has no score(histories) method")
-    return lambda histories, context: recommender.score(histories)
+    return lambda batch: recommender.score(batch.histories)
 
 
 def _list_column(frame: pl.DataFrame, name: str) -> list[np.ndarray]:
@@ -87,96 +81,33 @@ def _require(frame: pl.DataFrame, columns: Sequence[str], what: str) -> None:
         raise ValueError(f"{what} needs tokenized_sequences columns {missing}; got {frame.columns}")
 
 
+def split_rows(rows: pl.DataFrame, fit: FitOption = "train", with_context: bool = True) -> FitSplit:
+    """The leave-one-out split (`recsys_assets.data.split.leave_one_out`) of `tokenized_sequences`
+    rows, after checking their stored ``valid_item`` / ``test_item`` against it."""
+    _require(rows, ["user_id", "tokens"], "the leave-one-out split")
+    user_ids = rows.get_column("user_id").cast(pl.Utf8).to_numpy()
+    tokens = [t.astype(np.int64) for t in _list_column(rows, "tokens")]
+    held_out = {c.removesuffix("_item"): rows.get_column(c).to_list() for c in ("valid_item", "test_item") if c in rows.columns}
+    check_held_out_items(user_ids, tokens, held_out)  # type: ignore[arg-type]
+    names = [c for c in CONTEXT_COLUMNS if c in rows.columns] if with_context else []
+    return leave_one_out(user_ids, tokens, fit, {name: _list_column(rows, name) for name in names})
+
+
 def fit_sequences(rows: pl.DataFrame, fit: FitData = "train") -> list[np.ndarray]:
     """The per-user sequences models and baselines learn from under fit option `fit`."""
     if fit not in FIT_DESCRIPTIONS:
         raise ValueError(f"fit must be one of {sorted(FIT_DESCRIPTIONS)}, got {fit!r}")
-    _require(rows, ["train_tokens", "valid_item"], "fit_sequences")
-    train = [a.astype(np.int64) for a in _list_column(rows, "train_tokens")]
-    if fit == "train":
-        return train
-    valid = rows.get_column("valid_item").to_list()
-    return [t if v is None else np.append(t, np.int64(v)) for t, v in zip(train, valid)]
-
-
-@dataclass
-class EvalSet:
-    """Users with a held-out target: their input history (also the items removed from the
-    ranking), the target token, and per-position context: one entry per history position plus
-    the request context at the target's position (module docstring)."""
-
-    split: str
-    user_ids: np.ndarray
-    histories: list[np.ndarray]
-    targets: np.ndarray
-    history_lengths: np.ndarray
-    context: dict[str, list[np.ndarray]] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        n = len(self.targets)
-        if not (len(self.user_ids) == len(self.histories) == len(self.history_lengths) == n):
-            raise ValueError("EvalSet fields must all have one entry per user")
-        for name, values in self.context.items():
-            if len(values) != n:
-                raise ValueError(f"context {name!r} has {len(values)} rows for {n} users")
-            if any(len(v) != len(h) + 1 for v, h in zip(values, self.histories)):
-                raise ValueError(f"context {name!r} must have len(history) + 1 entries per user")
-
-    def __len__(self) -> int:
-        return len(self.targets)
-
-    def subset(self, index: np.ndarray | slice) -> "EvalSet":
-        idx = np.arange(len(self))[index]
-        return EvalSet(
-            split=self.split,
-            user_ids=self.user_ids[idx],
-            histories=[self.histories[i] for i in idx],
-            targets=self.targets[idx],
-            history_lengths=self.history_lengths[idx],
-            context={k: [v[i] for i in idx] for k, v in self.context.items()},
-        )
+    return split_rows(rows, fit, with_context=False).sequences
 
 
 def make_eval_set(rows: pl.DataFrame, split: Split = "valid") -> EvalSet:
     """Eval set of the users whose `split` target is known (at least 3 items)."""
     if split not in ("valid", "test"):
         raise ValueError(f"split must be 'valid' or 'test', got {split!r}")
-    target_col = f"{split}_item"
-    _require(rows, ["user_id", "tokens", target_col], "make_eval_set")
-    rows = rows.filter(pl.col(target_col).is_not_null())
-    if rows.height == 0:
-        raise ValueError(f"no user has a non-null {target_col}: nothing to evaluate")
-    cut = 2 if split == "valid" else 1  # items after the input history (target included)
-    tokens = [t.astype(np.int64) for t in _list_column(rows, "tokens")]
-    targets = rows.get_column(target_col).to_numpy().astype(np.int64)
-    histories = [t[:-cut] for t in tokens]
-    # Guard the contract: the target must be the item right after the input history.
-    at_cut = np.array([t[-cut] if t.size >= cut else -1 for t in tokens], dtype=np.int64)
-    bad = np.nonzero(at_cut != targets)[0]
-    if bad.size:
-        raise ValueError(
-            f"{bad.size} users have {target_col} != tokens[-{cut}] (e.g. user "
-            f"{rows.get_column('user_id')[int(bad[0])]!r}); tokenized_sequences breaks its contract"
-        )
-    if targets.min() < FIRST_ITEM_TOKEN:
-        raise ValueError(f"{target_col} holds special tokens (< {FIRST_ITEM_TOKEN})")
-    context: dict[str, list[np.ndarray]] = {}
-    for name in (c for c in CONTEXT_COLUMNS if c in rows.columns):
-        values = [v[: len(h) + 1].copy() for v, h in zip(_list_column(rows, name), histories)]
-        if any(len(v) != len(h) + 1 for v, h in zip(values, histories)):
-            raise ValueError(f"context column {name!r} is shorter than tokens for some users")
-        if name in OUTCOME_CONTEXT:
-            for v in values:
-                v[-1] = 0
-        context[name] = values
-    return EvalSet(
-        split=split,
-        user_ids=rows.get_column("user_id").cast(pl.Utf8).to_numpy(),
-        histories=histories,
-        targets=targets,
-        history_lengths=np.array([h.size for h in histories], dtype=np.int64),
-        context=context,
-    )
+    eval_set = getattr(split_rows(rows, "train"), split)
+    if len(eval_set) == 0:
+        raise ValueError(f"no user has a {split}_item (users need at least 3 items): nothing to evaluate")
+    return eval_set
 
 
 def eval_set_fingerprint(eval_set: EvalSet) -> str:
@@ -331,15 +262,15 @@ def evaluate(
     ranks: dict[str, list[np.ndarray]] = {p: [] for p in protocols}
     for start in range(0, len(eval_set), batch_size):
         stop = min(start + batch_size, len(eval_set))
-        hist = eval_set.histories[start:stop]
-        ctx = {k: v[start:stop] for k, v in eval_set.context.items()}
-        scores = scorer(hist, ctx)
+        batch = eval_set.subset(slice(start, stop))
+        hist = batch.histories
+        scores = scorer(batch)
         if hasattr(scores, "detach"):
             scores = scores.detach().cpu().numpy()
         scores = np.asarray(scores)
         if scores.ndim != 2 or scores.shape[0] != stop - start:
             raise ValueError(f"scorer returned shape {scores.shape} for a batch of {stop - start} users")
-        targets = eval_set.targets[start:stop]
+        targets = batch.targets
         for protocol, n in sizes.items():
             if n is None:
                 ranks[protocol].append(full_ranks(scores, targets, hist))
@@ -406,26 +337,16 @@ def bert4rec_scorer(
     training validated. Float32 (no autocast): ranks must not depend on the device's precision."""
     import torch
 
-    from recsys_assets.bert4rec.data import CONTEXT_FIELDS
-    from recsys_assets.bert4rec.data import EvalSet as ModelEvalSet
     from recsys_assets.bert4rec.train import score_eval_set
 
     dev = torch.device(device) if device else next(model.parameters()).device
     model.to(dev)
 
-    def score(histories: Sequence[np.ndarray], context: Mapping[str, Sequence[np.ndarray]]) -> np.ndarray:
-        n = len(histories)
-        batch = ModelEvalSet(
-            inputs=list(histories),
-            contexts={k: list(v) for k, v in context.items() if k in CONTEXT_FIELDS},
-            targets=np.zeros(n, dtype=np.int64),  # not read when scoring
-            histories=list(histories),
-            users=np.arange(n),
-        )
+    def score(batch: EvalSet) -> np.ndarray:
         out: np.ndarray | None = None
         for rows, scores in score_eval_set(model, batch, max_len, batch_size, dev, None):
             if out is None:
-                out = np.empty((n, scores.shape[1]), dtype=np.float32)
+                out = np.empty((len(batch), scores.shape[1]), dtype=np.float32)
             out[rows] = scores
         assert out is not None
         return out

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 import duckdb
 from pydantic import BaseModel
 
-from recsys_assets.data.schema import FIRST_ITEM_TOKEN
+from recsys_serving.contract import FIRST_ITEM_TOKEN
 from recsys_assets.evaluation.report import gate_passes
 from recsys_serving.bundle import (
     BUNDLE_FORMAT_VERSION,

@@ -16,7 +16,7 @@ from typing import Any, Sequence
 import numpy as np
 from pydantic import BaseModel, Field
 
-from recsys_assets.export.onnx_export import ParityBatch, cpu_session
+from recsys_assets.export.verification import ParityBatch, cpu_session
 
 
 class TensorRTUnavailable(RuntimeError):
