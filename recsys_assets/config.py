@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from recsys_serving.contract import REPO_ROOT, recsys_home_path
+from recsys_serving.contract import BUNDLES_DIR, REPO_ROOT, recsys_home_path
 
 __all__ = ["REPO_ROOT", "bundles_dir", "models_dir", "recsys_home", "reports_dir", "warehouse_path"]
 
@@ -30,7 +30,7 @@ def reports_dir() -> Path:
 
 
 def bundles_dir() -> Path:
-    return _sub("bundles")
+    return _sub(BUNDLES_DIR)
 
 
 def _sub(name: str) -> Path:

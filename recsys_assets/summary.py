@@ -8,6 +8,7 @@ import os
 import duckdb
 
 from recsys_assets.config import recsys_home, warehouse_path
+from recsys_serving.contract import BUNDLES_DIR, CURRENT_BUNDLE
 
 
 def main() -> None:
@@ -33,7 +34,7 @@ def main() -> None:
         path = home / name
         if path.exists():
             print(f"  {name:<10} {path}")
-    current = home / "bundles" / "current"
+    current = home / BUNDLES_DIR / CURRENT_BUNDLE
     if current.exists():
         print(f"  served bundle -> {current.resolve()}")
     print(f"  dagster    {os.environ.get('DAGSTER_HOME', home / 'dagster')} (make ui, then http://127.0.0.1:3000)")

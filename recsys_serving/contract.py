@@ -26,6 +26,17 @@ def recsys_home_path() -> Path:
     return Path(env).expanduser().resolve() if env else DEFAULT_RECSYS_HOME
 
 
+# Layout under $RECSYS_HOME that more than one stage reads or writes (paths relative to it).
+BUNDLES_DIR = "bundles"  # bundles/<version>/, written once by the export stage
+CURRENT_BUNDLE = "current"  # bundles/current: symlink to the served version, switched atomically
+SERVED_EVENTS_DIR = "events/served"  # the service's durable event log, merged into raw_events
+SERVED_ANSWERS_DIR = "events/answers"  # the service's log of what it recommended (prediction drift)
+DRIFT_REPORTS_DIR = "reports/drift"  # reports/drift/<run id>/ (HTML + summary JSON), read by the sensor
+
+# One line of the answer log (JSON lines): what the service answered, to whom, with which model.
+ANSWER_LOG_FIELDS: tuple[str, ...] = ("ts", "user_id", "items", "model_version", "fallback_reason")
+
+
 # -- Events ------------------------------------------------------------------------------------
 
 EventType = Literal["view", "cart", "purchase"]

@@ -17,7 +17,7 @@ from typing import Any, Literal
 from pydantic import Field
 from pydantic_settings import BaseSettings, EnvSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
 
-from recsys_serving.contract import DEFAULT_RECSYS_HOME, REPO_ROOT
+from recsys_serving.contract import BUNDLES_DIR, CURRENT_BUNDLE, DEFAULT_RECSYS_HOME, REPO_ROOT, SERVED_EVENTS_DIR
 
 # What `from_env(environ)` reads instead of os.environ: a context variable, so a caller in another
 # thread or task keeps reading its own.
@@ -127,7 +127,7 @@ class ServingSettings(BaseSettings):
         embedded = REPO_ROOT / "bundle"
         if (embedded / "manifest.json").exists():
             return embedded
-        return self.home.expanduser() / "bundles" / "current"
+        return self.home.expanduser() / BUNDLES_DIR / CURRENT_BUNDLE
 
     def resolved_event_log_dir(self) -> Path:
-        return (self.event_log_dir or self.home.expanduser() / "events" / "served").expanduser()
+        return (self.event_log_dir or self.home.expanduser() / SERVED_EVENTS_DIR).expanduser()

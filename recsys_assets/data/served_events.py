@@ -7,13 +7,13 @@ from pathlib import Path
 import duckdb
 
 from recsys_assets.config import recsys_home
-from recsys_serving.contract import CANONICAL_COLUMNS
+from recsys_serving.contract import CANONICAL_COLUMNS, SERVED_EVENTS_DIR
 from recsys_assets.data.schema import RAW_EVENTS_COLUMNS
 
 
 def served_events_dir() -> Path:
     """Where the serving API appends the events it receives, as canonical JSON lines."""
-    return recsys_home() / "events" / "served"
+    return recsys_home() / SERVED_EVENTS_DIR
 
 
 def append_served_events(con: duckdb.DuckDBPyConnection, files: list[Path], table: str = "raw_events") -> int:

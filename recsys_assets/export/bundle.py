@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 import duckdb
 from pydantic import BaseModel
 
-from recsys_serving.contract import FIRST_ITEM_TOKEN
+from recsys_serving.contract import CURRENT_BUNDLE, FIRST_ITEM_TOKEN
 from recsys_assets.evaluation.report import gate_passes
 from recsys_serving.bundle import (
     BUNDLE_FORMAT_VERSION,
@@ -45,7 +45,7 @@ from recsys_serving.bundle import (
 if TYPE_CHECKING:  # onnx_export imports torch: only loaded when a bundle is exported
     from recsys_assets.export.onnx_export import ItemTable
 
-CURRENT = "current"
+CURRENT = CURRENT_BUNDLE
 PROMOTIONS_LOG = "promotions.jsonl"
 
 
