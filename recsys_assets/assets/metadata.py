@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import base64
 import io
-from typing import Any
+from typing import Any, Literal, get_args
 
 import duckdb
 import polars as pl
@@ -14,6 +14,12 @@ from dagster import MetadataValue, TableColumn, TableSchema
 # cleaned_interactions records the repeated-view rule it applied under this key; the feature store
 # applies the same rule to events that serving pushes.
 REPEATED_VIEW_RULE_METADATA = "repeated_view_rule"
+
+# drift_report records its verdict under this key; the drift sensor reads it to decide on a retrain.
+DRIFT_VERDICT_METADATA = "verdict"
+DriftVerdict = Literal["stable", "drift", "degradation", "drift_and_degradation", "no_reference"]
+DRIFT_VERDICTS: tuple[str, ...] = get_args(DriftVerdict)
+RETRAIN_VERDICTS: frozenset[str] = frozenset({"drift", "degradation", "drift_and_degradation"})
 
 
 def figure_markdown(fig: Any, title: str = "") -> MetadataValue:
