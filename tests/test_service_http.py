@@ -10,127 +10,24 @@ Four servers, started in parallel, cover every path:
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
-import socket
-import subprocess
-import sys
 import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Iterator
 
 import duckdb
-import httpx
 import pytest
-import torch
-from prometheus_client.parser import text_string_to_metric_families
 
-from recsys_assets.bert4rec.model import BERT4Rec, BERT4RecConfig
 from recsys_assets.data.schema import RAW_EVENTS_COLUMNS
 from recsys_assets.data.served_events import append_served_events
 from recsys_assets.export.bundle import export_bundle, promote, write_bundle
 from recsys_serving.bundle import MODEL_FILE, ModelSpec, read_manifest
 
-REPO = Path(__file__).resolve().parents[1]
-N_ITEMS = 40
-MAX_LEN = 8
-ITEMS = [f"i{k}" for k in range(N_ITEMS)]
+from _service_harness import ITEMS, N_ITEMS, REPO, Server, free_port, successor_model
+
 HISTORIES = {"alice": [3, 4, 5], "carol": [10, 11], "dave": [30, 31]}
 JSON = {"content-type": "application/json"}
-
-
-def _successor_model() -> tuple[BERT4Rec, BERT4RecConfig]:
-    """100 steps of real training on random histories whose next item is the last item + 1: the
-    model has to read the latest event, so a new event visibly moves its answer."""
-    torch.manual_seed(0)
-    torch.set_num_threads(2)
-    config = BERT4RecConfig(vocab_size=N_ITEMS + 2, hidden=32, layers=1, heads=2, max_len=MAX_LEN, dropout=0.0)
-    model = BERT4Rec(config)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    gen = torch.Generator().manual_seed(0)
-    for _ in range(100):
-        tokens = torch.randint(2, N_ITEMS + 2, (128, MAX_LEN), generator=gen)
-        target = (tokens[:, -2] - 2 + 1) % N_ITEMS + 2
-        tokens[:, -1] = 1
-        pad = torch.randint(0, MAX_LEN - 1, (128,), generator=gen)
-        tokens[torch.arange(MAX_LEN)[None, :] < pad[:, None]] = 0
-        loss = torch.nn.functional.cross_entropy(model.score_next(tokens), target)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    assert loss.item() < 0.5, f"the tiny model did not learn its rule (loss {loss.item():.3f})"
-    return model.eval(), config
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    def __init__(self, name: str, home: Path, env: dict[str, str]) -> None:
-        self.name, self.port = name, _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = home / f"server-{name}.log"
-        full_env = {
-            **os.environ,
-            "RECSYS_HOME": str(home),
-            # one BENTOML_HOME per server: BentoML keeps its Prometheus multiprocess files there, and
-            # servers sharing it would report each other's metrics
-            "BENTOML_HOME": str(home / f"bentoml-{name}"),
-            "BENTOML_DO_NOT_TRACK": "True",
-            **env,
-        }
-        cmd = [sys.executable, "-m", "bentoml", "serve", "recsys_serving.service:RecommenderService",
-               "--host", "127.0.0.1", "--port", str(self.port)]
-        with open(self.log, "w") as log:
-            # own process group: stopping it stops the worker processes bentoml forks, and only them
-            self.proc = subprocess.Popen(cmd, env=full_env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-                                         start_new_session=True)
-        self.client = httpx.Client(base_url=self.url, timeout=30)
-
-    def wait_ready(self, deadline: float) -> None:
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server {self.name} exited: {self.log.read_text()[-3000:]}")
-            try:
-                if self.client.get("/readyz").status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.3)
-        raise TimeoutError(f"server {self.name} not ready: {self.log.read_text()[-3000:]}")
-
-    def stop(self) -> None:
-        self.client.close()
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-
-    def recommend(self, **body: Any) -> dict[str, Any]:
-        resp = self.client.post("/recommend", json=body)
-        assert resp.status_code == 200, resp.text
-        return resp.json()
-
-    def event(self, **body: Any) -> dict[str, Any]:
-        resp = self.client.post("/events", json=body)
-        assert resp.status_code == 200, resp.text
-        return resp.json()
-
-    def metrics(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-        text = self.client.get("/metrics").text
-        return {
-            (s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(text)
-            for s in family.samples
-        }
 
 
 @pytest.fixture(scope="module")
@@ -149,7 +46,7 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]
         from recsys_assets.data.user_features import apply_feature_repo
         from recsys_serving.feature_client import FeatureStoreClient, load_feature_store
 
-        model, config = _successor_model()
+        model, config = successor_model()
         phase("train")
         vocabulary = {"items": ITEMS, "categories": [f"c{k % 4}" for k in range(N_ITEMS)],
                       "context": {"device": {"mobile": 1, "desktop": 2}, "segment": {"vip": 1}}}
@@ -185,7 +82,7 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]
         "main": Server("main", home, {}),
         "lying": Server("lying", home, {"RECSYS_BUNDLE": lying.path}),
         "broken": Server("broken", home, {"RECSYS_BUNDLE": str(broken), "RECSYS_FEAST_ONLINE_STORE": "redis",
-                                          "RECSYS_REDIS_CONNECTION": f"127.0.0.1:{_free_port()}"}),
+                                          "RECSYS_REDIS_CONNECTION": f"127.0.0.1:{free_port()}"}),
         "slow": Server("slow", home, {"RECSYS_MODEL_TIMEOUT_MS": "0.01"}),
     }
     try:
