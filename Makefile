@@ -24,8 +24,10 @@ dagster-home:
 	cp dagster.yaml "$(DAGSTER_HOME)/dagster.yaml"
 
 ## Materialize the whole asset graph on the embedded synthetic data, then say where everything is.
+## The run belongs to the code location `recsys` of workspace.yaml, so the UI lists it under retrain_job
+## (`dagster job execute -m` would leave it without a location; README "Automation").
 run: venv dagster-home
-	$(BIN)/dagster job execute -m recsys_assets.definitions -j retrain_job
+	$(BIN)/python -m recsys_assets.automation retrain_job -w workspace.yaml -l recsys
 	$(BIN)/python -m recsys_assets.summary
 
 ## The test suite (installs what it needs; redis-server for the Redis online-store tests where apt-get can).
@@ -36,8 +38,13 @@ system-deps:
 	@command -v redis-server >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null) \
 	  || echo "redis-server not installed: the Redis online-store tests will be skipped"; }
+	@{ command -v promtool && command -v prometheus-pushgateway && command -v amtool; } >/dev/null || \
+	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus prometheus-pushgateway prometheus-alertmanager >/dev/null) \
+	  || echo "prometheus tools not installed: the monitoring tests that need them will be skipped"; }
 
-## The Dagster UI on http://127.0.0.1:3000 (webserver + daemon for schedules and sensors).
+## The Dagster UI on http://127.0.0.1:3000: webserver + daemon, which runs the schedules and sensors
+## (on by default; README "Automation") while it is up.
 ui: venv dagster-home
 	$(BIN)/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000
 
@@ -45,6 +52,12 @@ ui: venv dagster-home
 ## (PORT=... to change; 3000 is the Dagster UI's, so both can run at once).
 serve: venv
 	$(BIN)/bentoml serve recsys_serving.service:RecommenderService --host 127.0.0.1 --port $${PORT:-3100}
+
+## Switch $$RECSYS_HOME/bundles/current back to the previous champion (TO=<version> for a given one);
+## a running service follows without a restart.
+.PHONY: rollback
+rollback: venv
+	$(BIN)/python -m recsys_assets.export.rollback $(if $(TO),--to "$(TO)")
 
 bench-serve: venv
 	$(BIN)/python benchmarks/serve_latency.py --duration 60 --out $(RECSYS_HOME)/reports/serve_latency.json

@@ -4,22 +4,26 @@ from __future__ import annotations
 
 from dagster import AssetSelection, Definitions, define_asset_job, in_process_executor
 
-from recsys_assets.assets import cleaning, evaluation, export, features, ingest, sequences, training
+from recsys_assets import automation
+from recsys_assets.assets import cleaning, evaluation, export, features, ingest, monitoring, sequences, training
 from recsys_assets.io_manager import DuckDBTableIOManager, JsonArtifactIOManager
 from recsys_assets.resources import WarehouseResource
 
-STAGES = [ingest, cleaning, sequences, features, training, evaluation, export]
+STAGES = [ingest, cleaning, sequences, features, training, evaluation, export, monitoring]
 
 retrain_job = define_asset_job(
-    "retrain_job",
-    selection=AssetSelection.all(),
+    automation.RETRAIN_JOB,
+    # drift_report is monitoring: drift_job makes it, training does not read it.
+    selection=AssetSelection.all() - AssetSelection.assets(automation.DRIFT_REPORT),
     description="Raw events to a served model: ingest, clean, tokenize, train, evaluate, export, promote.",
 )
 
 defs = Definitions(
     assets=[a for stage in STAGES for a in stage.assets],
     asset_checks=[c for stage in STAGES for c in stage.asset_checks],
-    jobs=[retrain_job],
+    jobs=[retrain_job, *automation.jobs, *(j for stage in STAGES for j in getattr(stage, "jobs", []))],
+    schedules=[*automation.schedules, *(s for stage in STAGES for s in getattr(stage, "schedules", []))],
+    sensors=[*automation.sensors, *(s for stage in STAGES for s in getattr(stage, "sensors", []))],
     resources={
         "warehouse": WarehouseResource(),
         "warehouse_io_manager": DuckDBTableIOManager(),

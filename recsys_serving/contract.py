@@ -36,6 +36,11 @@ DRIFT_REPORTS_DIR = "reports/drift"  # reports/drift/<run id>/ (HTML + summary J
 # One line of the answer log (JSON lines): what the service answered, to whom, with which model.
 ANSWER_LOG_FIELDS: tuple[str, ...] = ("ts", "user_id", "items", "model_version", "fallback_reason")
 
+# Verdicts of the drift report; here (not in the Dagster metadata module) so the plain drift library can use them.
+DriftVerdict = Literal["stable", "drift", "degradation", "drift_and_degradation", "no_reference"]
+DRIFT_VERDICTS: tuple[str, ...] = get_args(DriftVerdict)
+RETRAIN_VERDICTS: frozenset[str] = frozenset({"drift", "degradation", "drift_and_degradation"})
+
 
 # -- Events ------------------------------------------------------------------------------------
 

@@ -19,6 +19,8 @@ OUTCOMES = {
     "recommend": ("model", "fallback", "cache", "rejected", "error"),
     "events": ("accepted", "accepted_log_only", "rejected", "error"),
 }
+SWITCH_OUTCOMES = ("switched", "refused")
+ANSWER_LOG_DROP_REASONS = ("queue_full", "write_error")
 LATENCY_BUCKETS = (0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.07, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 
@@ -51,11 +53,42 @@ class ServiceMetrics:
             multiprocess_mode="mostrecent",
             **kw,
         )
+        # Gauges of the served bundle use live* modes: a worker process that exits (a restart) takes
+        # its values with it, instead of reporting the version it served forever as "max" would.
+        # livemax of model_info: 1 while any live worker serves that version. At a switch a worker sets
+        # its old version to 0 (`remove` would not work: in multiprocess mode the value stays in the
+        # worker's file), so the old version reads 0 once no worker serves it any longer.
         self.model_info = prom.Gauge(
             "recsys_model_info",
-            "1 for the bundle version being served (model_version='none' when none is)",
+            "1 for the bundle version being served by some worker (model_version='none' when none is)",
             ["model_version", "provider"],
-            multiprocess_mode="max",
+            multiprocess_mode="livemax",
+            **kw,
+        )
+        # livemin: the oldest model any live worker serves is what a model-age alert must see.
+        self.model_created = prom.Gauge(
+            "recsys_model_created_timestamp_seconds",
+            "Creation time (manifest created_at, Unix seconds) of the served bundle; 0 while none is",
+            multiprocess_mode="livemin",
+            **kw,
+        )
+        self.model_loaded = prom.Gauge(
+            "recsys_model_loaded_timestamp_seconds",
+            "When the served bundle was loaded (Unix seconds; the latest load of any worker)",
+            multiprocess_mode="livemax",
+            **kw,
+        )
+        self.model_switches = prom.Counter(
+            "recsys_model_switches_total",
+            "Bundle switches by outcome: switched (a new bundle serves), refused (it failed to load or "
+            "verify; the old one keeps serving). Each worker process counts its own",
+            ["outcome"],
+            **kw,
+        )
+        self.answer_log_dropped = prom.Counter(
+            "recsys_answer_log_dropped_total",
+            "Answers not written to the answer log, by reason (queue_full, write_error); requests never fail for it",
+            ["reason"],
             **kw,
         )
         self.degraded = prom.Gauge(
@@ -65,6 +98,10 @@ class ServiceMetrics:
         # Series that exist from the start read 0 instead of missing (dashboards, rate()).
         for reason in FALLBACK_REASONS:
             self.fallbacks.labels(reason=reason)
+        for outcome in SWITCH_OUTCOMES:
+            self.model_switches.labels(outcome=outcome)
+        for reason in ANSWER_LOG_DROP_REASONS:
+            self.answer_log_dropped.labels(reason=reason)
         for endpoint, outcomes in OUTCOMES.items():
             self.latency.labels(endpoint=endpoint)
             for outcome in outcomes:

@@ -7,6 +7,7 @@ failure to log an event durably is an error (the client must retry, nothing is s
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -19,7 +20,15 @@ import anyio.to_thread
 import onnxruntime as ort
 from cachetools import TTLCache
 
-from recsys_serving.bundle import BundleRefused, LoadedBundle, Popularity, load_bundle, salvage_popularity
+from recsys_serving.answer_log import AnswerLog
+from recsys_serving.bundle import (
+    BundleRefused,
+    LoadedBundle,
+    Popularity,
+    Vocabulary,
+    load_bundle,
+    salvage_popularity,
+)
 from recsys_serving.event_log import EventLog, canonical_record
 from recsys_serving.feature_client import (
     FeatureStoreClient,
@@ -29,7 +38,7 @@ from recsys_serving.feature_client import (
 )
 from recsys_serving.invalidation import SharedStamps
 from recsys_serving.metrics import ServiceMetrics
-from recsys_serving.contract import FIRST_ITEM_TOKEN, time_of_day_token_of
+from recsys_serving.contract import CURRENT_BUNDLE, FIRST_ITEM_TOKEN, time_of_day_token_of
 from recsys_serving.model import History, OnnxRanker, MaskContext, encode
 from recsys_serving.schemas import (
     MAX_K,
@@ -39,6 +48,7 @@ from recsys_serving.schemas import (
     FallbackReason,
     Health,
     RecommendRequest,
+    RefusedBundle,
     RecommendResponse,
     ScoredItem,
 )
@@ -80,8 +90,40 @@ class Answer:
         )
 
 
+@dataclass(frozen=True)
+class ServingState:
+    """Everything a request uses from the bundle. Immutable and replaced whole (one reference swap)
+    at a switch, so a request keeps the state it started with and finishes on the old bundle."""
+
+    bundle: LoadedBundle | None
+    ranker: OnnxRanker | None
+    popularity: Popularity | None
+    inline: bool
+    source: Path  # the bundle directory loaded (resolved), or the configured path when none is
+    loaded_at: datetime | None
+    degraded_reason: str | None
+
+    @property
+    def version(self) -> str | None:
+        return self.bundle.version if self.bundle is not None else None
+
+    @property
+    def vocabulary(self) -> Vocabulary | None:
+        return self.bundle.vocabulary if self.bundle is not None else None
+
+
+def _created_timestamp(bundle: LoadedBundle) -> float:
+    try:
+        created = datetime.fromisoformat(bundle.manifest.created_at)
+    except ValueError:
+        return 0.0
+    return (created if created.tzinfo else created.replace(tzinfo=timezone.utc)).timestamp()
+
+
 class Recommender:
-    """Owns one bundle for its lifetime (restart to serve a newly promoted one)."""
+    """Serves one bundle at a time. On the `bundles/current` pointer, a background thread follows its
+    switches (promotion, rollback): the new bundle is loaded, verified and warmed up off the request
+    path, then swapped in; one that fails is refused and the old one keeps serving."""
 
     def __init__(
         self,
@@ -92,12 +134,23 @@ class Recommender:
         self.settings = settings
         self.metrics = metrics
         self.bundle_path = settings.resolved_bundle_path()
-        self.bundle: LoadedBundle | None = None
-        self.ranker: OnnxRanker | None = None
-        self.popularity: Popularity | None = None
-        self.degraded_reason: str | None = None
-        self._load_bundle()
-        self.inline = self._resolve_inline(settings, self.ranker)
+        # A pointer (the default bundles/current, or RECSYS_BUNDLE naming a symlink) is followed; a
+        # fixed version directory or a bento's embedded bundle is served as it is.
+        self.follows_current = self.bundle_path.is_symlink() or (
+            settings.bundle_path is None and self.bundle_path.name == CURRENT_BUNDLE
+        )
+        # cachetools caches are not thread-safe; answers are read and written under one lock.
+        # Value: (invalidation stamp when computed, {request variant: answer}). The variant includes
+        # the model version, so an answer computed by the old bundle is never served after a switch.
+        self._cache: TTLCache[str, tuple[int, dict[tuple[object, ...], Answer]]] = TTLCache(
+            maxsize=settings.cache_size, ttl=settings.cache_ttl_s
+        )
+        self._cache_lock = threading.Lock()
+        self.last_refused: RefusedBundle | None = None
+        self._reload_lock = threading.Lock()
+        self._state: ServingState | None = None
+        self._seen = self._pointer_target()  # what the watcher last acted on
+        self._install(self._initial_state(self._seen))
         logger.info(
             "%s execution (RECSYS_EXECUTION=%s, warm-up inference %s)",
             "inline" if self.inline else "thread",
@@ -111,12 +164,6 @@ class Recommender:
         self._feature_client_retry_at = 0.0
         self._feature_client_lock = threading.Lock()
 
-        # cachetools caches are not thread-safe; answers are read and written under one lock.
-        # Value: (invalidation stamp when computed, {request variant: answer}).
-        self._cache: TTLCache[str, tuple[int, dict[tuple[object, ...], Answer]]] = TTLCache(
-            maxsize=settings.cache_size, ttl=settings.cache_ttl_s
-        )
-        self._cache_lock = threading.Lock()
         # Shared by the worker processes of this host: an event on any worker invalidates everywhere.
         self._stamps = SharedStamps(settings.home.expanduser() / "cache" / "invalidation.u32")
         # Worker-thread slots (created in the event loop on first use). Few threads: dozens of threads
@@ -124,7 +171,24 @@ class Recommender:
         self._model_limiter: anyio.CapacityLimiter | None = None
         self._feature_limiter: anyio.CapacityLimiter | None = None
         self.event_log = EventLog(settings.resolved_event_log_dir())
+        self.answer_log = (
+            AnswerLog(
+                settings.resolved_answer_log_dir(),
+                max_bytes=settings.answer_log_max_bytes,
+                keep=settings.answer_log_keep,
+                on_drop=lambda reason: metrics.answer_log_dropped.labels(reason=reason).inc(),
+            )
+            if settings.answer_log
+            else None
+        )
         self._warm_up_feature_store()
+
+        # Each worker process runs its own watcher (the state is per process).
+        self._stop = threading.Event()
+        self._watcher: threading.Thread | None = None
+        if self.follows_current and settings.reload_interval_s > 0:
+            self._watcher = threading.Thread(target=self._watch, name="recsys-bundle-watcher", daemon=True)
+            self._watcher.start()
 
     @staticmethod
     def _resolve_inline(settings: ServingSettings, ranker: OnnxRanker | None) -> bool:
@@ -138,32 +202,60 @@ class Recommender:
             return False
         return local and (ranker is None or ranker.inference_ms <= INLINE_MAX_INFERENCE_MS)
 
-    # -- loading ---------------------------------------------------------------------------------
+    # -- the served state (read once per request) -----------------------------------------------------
 
-    def _load_bundle(self) -> None:
+    @property
+    def state(self) -> ServingState:
+        assert self._state is not None
+        return self._state
+
+    @property
+    def bundle(self) -> LoadedBundle | None:
+        return self.state.bundle
+
+    @property
+    def ranker(self) -> OnnxRanker | None:
+        return self.state.ranker
+
+    @property
+    def popularity(self) -> Popularity | None:
+        return self.state.popularity
+
+    @property
+    def degraded_reason(self) -> str | None:
+        return self.state.degraded_reason
+
+    @property
+    def inline(self) -> bool:
+        return self.state.inline
+
+    @property
+    def model_version(self) -> str | None:
+        return self.state.version
+
+    # -- loading and switching -----------------------------------------------------------------------
+
+    def _pointer_target(self) -> Path | None:
+        """The directory the configured path resolves to now (None when it does not exist)."""
+        path = self.bundle_path
+        return Path(os.path.realpath(path)) if path.exists() else None
+
+    def _load(self, path: Path) -> ServingState:
+        """Verify (every checksum), open and warm up a bundle; BundleRefused says why it cannot serve."""
         started = time.perf_counter()
         try:
-            bundle = load_bundle(self.bundle_path)
+            bundle = load_bundle(path)
             ranker = OnnxRanker(
                 bundle,
                 intra_threads=self.settings.ort_intra_threads,
                 use_gpu=self.settings.use_gpu,
                 cache_dir=self.settings.home.expanduser() / "cache" / "tensorrt",
             )
-        except BundleRefused as exc:
-            self.degraded_reason = exc.reason
-            self.popularity = salvage_popularity(self.bundle_path)
-            logger.error(
-                "serving the popularity fallback only (%s); fallback list %s",
-                exc,
-                "salvaged from the bundle" if self.popularity else "unavailable: answers will be empty",
-            )
-            self.metrics.model_info.labels(model_version="none", provider="none").set(1)
-            self.metrics.degraded.set(1)
-            return
-        self.bundle, self.ranker, self.popularity = bundle, ranker, bundle.popularity
-        self.metrics.model_info.labels(model_version=bundle.version, provider=ranker.providers[0]).set(1)
-        self.metrics.degraded.set(0)
+        except BundleRefused:
+            raise
+        except Exception as exc:  # an unreadable file, memory: refused like a bad bundle, never a crash
+            logger.exception("loading bundle %s failed", path)
+            raise BundleRefused(path, f"{type(exc).__name__}: {exc}") from exc
         logger.info(
             "bundle %s loaded from %s in %.2fs (providers %s, %d items)",
             bundle.version,
@@ -172,21 +264,112 @@ class Recommender:
             ranker.providers,
             len(bundle.vocabulary.items),
         )
+        return ServingState(
+            bundle=bundle,
+            ranker=ranker,
+            popularity=bundle.popularity,
+            inline=self._resolve_inline(self.settings, ranker),
+            source=bundle.path,
+            loaded_at=datetime.now(timezone.utc),
+            degraded_reason=None,
+        )
 
-    @property
-    def model_version(self) -> str | None:
-        return self.bundle.version if self.bundle is not None else None
+    def _initial_state(self, target: Path | None) -> ServingState:
+        try:
+            return self._load(target or self.bundle_path)
+        except BundleRefused as exc:
+            if target is not None:  # a bundle is there but cannot serve (nothing there is no refusal)
+                self._refuse(target, exc.reason)
+            popularity = salvage_popularity(target or self.bundle_path)
+            logger.error(
+                "serving the popularity fallback only (%s); fallback list %s",
+                exc,
+                "salvaged from the bundle" if popularity else "unavailable: answers will be empty",
+            )
+            return ServingState(
+                bundle=None,
+                ranker=None,
+                popularity=popularity,
+                inline=self._resolve_inline(self.settings, None),
+                source=target or self.bundle_path,
+                loaded_at=None,
+                degraded_reason=exc.reason,
+            )
+
+    def _refuse(self, path: Path, reason: str) -> None:
+        self.last_refused = RefusedBundle(
+            version=path.name, path=str(path), reason=reason, at=datetime.now(timezone.utc)
+        )
+        self.metrics.model_switches.labels(outcome="refused").inc()
+        serving = self._state.version if self._state is not None else None
+        logger.error("bundle %s refused, %s keeps serving: %s", path, serving or "nothing", reason)
+
+    def _install(self, state: ServingState) -> None:
+        """The switch: one reference assignment; then the cache and the metrics follow."""
+        old, self._state = self._state, state
+        if old is not None:
+            with self._cache_lock:
+                self._cache.clear()  # memory only: the version in the cache key already keeps them apart
+        info = self.metrics.model_info
+        labels = (state.version or "none", state.ranker.providers[0] if state.ranker else "none")
+        info.labels(*labels).set(1)
+        if old is not None:
+            old_labels = (old.version or "none", old.ranker.providers[0] if old.ranker else "none")
+            if old_labels != labels:
+                # 0, not remove(): in multiprocess mode a removed series stays in this worker's file
+                info.labels(*old_labels).set(0)
+        self.metrics.degraded.set(0 if state.ranker is not None else 1)
+        self.metrics.model_created.set(_created_timestamp(state.bundle) if state.bundle is not None else 0)
+        if state.loaded_at is not None:
+            self.metrics.model_loaded.set(state.loaded_at.timestamp())
+        if old is not None:
+            self.metrics.model_switches.labels(outcome="switched").inc()
+            logger.info("switched from bundle %s to %s", old.version or "none", state.version)
+
+    def reload_if_changed(self) -> bool:
+        """Follow the pointer once: load, verify and warm up a new target, then switch to it. A target
+        that fails is refused once and not retried until the pointer changes again. True on a switch."""
+        with self._reload_lock:
+            target = self._pointer_target()
+            if target == self._seen:
+                return False
+            self._seen = target
+            if target is None:
+                logger.warning("%s no longer resolves; %s keeps serving", self.bundle_path, self.model_version)
+                return False
+            if self.state.bundle is not None and target == self.state.source:
+                return False  # back to the bundle already served
+            try:
+                state = self._load(target)
+            except BundleRefused as exc:
+                self._refuse(target, exc.reason)
+                return False
+            self._install(state)
+            return True
+
+    def _watch(self) -> None:
+        # Polling rather than inotify (watchdog): a symlink renamed over on a shared or network volume
+        # gives no reliable event, and one readlink per interval costs nothing.
+        while not self._stop.wait(self.settings.reload_interval_s):
+            try:
+                self.reload_if_changed()
+            except Exception:  # noqa: BLE001 - the watcher must keep running whatever one check raised
+                logger.exception("checking %s for a new bundle failed", self.bundle_path)
 
     def health(self) -> Health:
-        degraded = self.ranker is None
+        state = self.state
+        degraded = state.ranker is None
         return Health(
             status="degraded" if degraded else "ok",
             degraded=degraded,
-            reason=self.degraded_reason,
-            model_version=self.model_version,
-            bundle_path=str(self.bundle.path if self.bundle else self.bundle_path),
-            providers=self.ranker.providers if self.ranker else [],
+            reason=state.degraded_reason,
+            model_version=state.version,
+            bundle_path=str(state.source),
+            providers=state.ranker.providers if state.ranker else [],
             cache={"entries": float(len(self._cache)), "hit_ratio": round(self.metrics.cache_ratio(), 4)},
+            loaded_at=state.loaded_at,
+            follows_current=self._watcher is not None,
+            last_refused=self.last_refused,
         )
 
     # -- feature store ---------------------------------------------------------------------------
@@ -212,10 +395,10 @@ class Recommender:
         except FeatureStoreUnavailable as exc:
             logger.warning("feature store unavailable at start-up (requests fall back until it is back): %s", exc)
 
-    async def _user_sequence(self, user_id: str) -> UserSequence | None:
+    async def _user_sequence(self, state: ServingState, user_id: str) -> UserSequence | None:
         """Raises FeatureStoreUnavailable on an outage or (thread execution) when the lookup exceeds
         its budget; inline, the store client's own timeouts apply."""
-        if self.inline:
+        if state.inline:
             return self._client().get_user_sequence(user_id)
         result: list[UserSequence | None] = []
         if self._feature_limiter is None:
@@ -263,14 +446,16 @@ class Recommender:
 
     # -- recommend ---------------------------------------------------------------------------------
 
-    def _fallback(self, reason: FallbackReason, exclude: set[str], device: str | None, segment: str | None) -> Answer:
+    def _fallback(
+        self, state: ServingState, reason: FallbackReason, exclude: set[str], device: str | None, segment: str | None
+    ) -> Answer:
         """Popularity (device, else segment, else global list) without the user's history."""
         self.metrics.fallbacks.labels(reason=reason.value).inc()
         items: list[tuple[str, float]] = []
-        if self.popularity is not None:
-            chosen, _ = self.popularity.choose(device, segment)
+        if state.popularity is not None:
+            chosen, _ = state.popularity.choose(device, segment)
             seen = set(exclude)
-            for source in (chosen, self.popularity.global_):  # top up from global if a list runs short
+            for source in (chosen, state.popularity.global_):  # top up from global if a list runs short
                 for entry in source:
                     if entry.item_id not in seen:
                         seen.add(entry.item_id)
@@ -279,16 +464,18 @@ class Recommender:
                             break
                 if len(items) == MAX_K:
                     break
-        return Answer(items=tuple(items), model_version=self.model_version, reason=reason.value)
+        return Answer(items=tuple(items), model_version=state.version, reason=reason.value)
 
-    async def _run_model(self, history: History, request: MaskContext, started: float) -> Answer | FallbackReason:
-        assert self.ranker is not None and self.bundle is not None
-        ranker = self.ranker
+    async def _run_model(
+        self, state: ServingState, history: History, request: MaskContext, started: float
+    ) -> Answer | FallbackReason:
+        ranker, bundle = state.ranker, state.bundle
+        assert ranker is not None and bundle is not None
         encoded = encode(history, request, ranker.vocabulary, ranker.max_len, ranker.input_names)
         if encoded is None:
             return FallbackReason.COLD_START
         budget_s = self.settings.model_timeout_ms / 1000
-        if self.inline:
+        if state.inline:
             # Nothing can interrupt a run on the event loop, so the budget is applied before it starts,
             # to the time the request has already spent (waiting for the loop included): under
             # overload, requests that waited too long get the fallback at once instead of queueing on.
@@ -319,11 +506,24 @@ class Recommender:
                 return FallbackReason.MODEL_TIMEOUT
             scores, tokens = outputs[0]
         items = ranker.decode(scores, tokens, MAX_K)
-        return Answer(items=tuple(items), model_version=self.bundle.version, reason=MODEL_REASON)
+        return Answer(items=tuple(items), model_version=bundle.version, reason=MODEL_REASON)
 
     async def recommend(self, req: RecommendRequest, started: float | None = None) -> RecommendResponse:
         """`started`: time.perf_counter() when the request arrived (default: now), for the model budget."""
-        started = time.perf_counter() if started is None else started
+        state = self._state  # this request's bundle from start to end, whatever a switch does meanwhile
+        assert state is not None
+        answer, cached = await self._answer(state, req, time.perf_counter() if started is None else started)
+        if self.answer_log is not None:  # cached answers too: they are answers given
+            self.answer_log.record(
+                req.user_id,
+                [item_id for item_id, _ in answer.items[: req.k]],
+                answer.model_version,
+                None if answer.reason == MODEL_REASON else answer.reason,
+            )
+        return answer.response(req.k, cached=cached)
+
+    async def _answer(self, state: ServingState, req: RecommendRequest, started: float) -> tuple[Answer, bool]:
+        """-> (answer, whether it came from the cache)."""
         ctx = req.context
         device = ctx.device if ctx else None
         ts = (ctx.ts if ctx and ctx.ts else None) or datetime.now(timezone.utc)
@@ -331,60 +531,61 @@ class Recommender:
         segment = ctx.segment if ctx else None
 
         use_cache = req.recent_items is None
-        variant = (device, segment, tod)
+        variant = (state.version, device, segment, tod)
         stamp = 0
         if use_cache:
             cached, stamp = self._cache_get(req.user_id, variant)
             self.metrics.cache_lookup(cached is not None)
             if cached is not None:
-                return cached.response(req.k, cached=True)
+                return cached, True
 
         if req.recent_items is not None:
             history = History(item_ids=req.recent_items)
         else:
             try:
-                sequence = await self._user_sequence(req.user_id)
+                sequence = await self._user_sequence(state, req.user_id)
             except FeatureStoreUnavailable as exc:
                 logger.warning("feature store unavailable: %s", exc)
-                answer = self._fallback(FallbackReason.FEATURE_STORE_UNAVAILABLE, set(), device, segment)
-                return answer.response(req.k, cached=False)
+                return self._fallback(state, FallbackReason.FEATURE_STORE_UNAVAILABLE, set(), device, segment), False
             if sequence is None:
-                answer = self._fallback(FallbackReason.UNKNOWN_USER, set(), device, segment)
+                answer = self._fallback(state, FallbackReason.UNKNOWN_USER, set(), device, segment)
                 self._cache_put(req.user_id, variant, answer, stamp)
-                return answer.response(req.k, cached=False)
+                return answer, False
             history = History(
                 item_ids=sequence.item_ids, event_types=sequence.event_types, tod=sequence.tod, devices=sequence.devices
             )
             segment = segment or sequence.segment
 
-        if self.ranker is None:
-            answer = self._fallback(FallbackReason.MODEL_UNAVAILABLE, set(history.item_ids), device, segment)
-            return answer.response(req.k, cached=False)
-        result = await self._run_model(history, MaskContext(tod=tod, device=device, segment=segment), started)
+        if state.ranker is None:
+            return self._fallback(state, FallbackReason.MODEL_UNAVAILABLE, set(history.item_ids), device, segment), False
+        result = await self._run_model(state, history, MaskContext(tod=tod, device=device, segment=segment), started)
         answer = (
             result
             if isinstance(result, Answer)
-            else self._fallback(result, set(history.item_ids), device, segment)
+            else self._fallback(state, result, set(history.item_ids), device, segment)
         )
         if use_cache and answer.reason in CACHEABLE_REASONS:
             self._cache_put(req.user_id, variant, answer, stamp)
-        return answer.response(req.k, cached=False)
+        return answer, False
 
     # -- events ------------------------------------------------------------------------------------
 
-    def _category(self, item_id: str) -> str | None:
-        if self.bundle is None:
+    @staticmethod
+    def _category(state: ServingState, item_id: str) -> str | None:
+        vocabulary = state.vocabulary
+        if vocabulary is None:
             return None
-        token = self.bundle.vocabulary.item_to_token.get(item_id)
-        return self.bundle.vocabulary.categories[token - FIRST_ITEM_TOKEN] if token is not None else None
+        token = vocabulary.item_to_token.get(item_id)
+        return vocabulary.categories[token - FIRST_ITEM_TOKEN] if token is not None else None
 
     async def record_event(self, req: EventRequest) -> EventResponse:
         """Log durably first (the event is never lost), then update the feature store and the cache."""
+        state = self.state
         ts = req.ts or datetime.now(timezone.utc)
         segment: str | None = None
         store_error: str | None = None
         try:
-            current = await self._user_sequence(req.user_id)
+            current = await self._user_sequence(state, req.user_id)
             segment = current.segment if current is not None else None
         except FeatureStoreUnavailable as exc:
             store_error = str(exc)
@@ -394,7 +595,7 @@ class Recommender:
             event_type=req.event_type,
             ts=ts,
             session_id=req.session_id,
-            category=self._category(req.item_id),
+            category=self._category(state, req.item_id),
             device=req.device,
             segment=segment,
             price=req.price,
@@ -425,4 +626,9 @@ class Recommender:
         )
 
     def close(self) -> None:
+        self._stop.set()
+        if self._watcher is not None:
+            self._watcher.join(timeout=30)  # a load in progress finishes first
         self.event_log.close()
+        if self.answer_log is not None:
+            self.answer_log.close()

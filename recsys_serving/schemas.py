@@ -94,6 +94,15 @@ class EventResponse(BaseModel):
     reason: str = Field(description="'ok', or why the feature store could not be updated")
 
 
+class RefusedBundle(BaseModel):
+    """A bundle the service would not serve (it failed to load, verify or warm up)."""
+
+    version: str = Field(description="its directory name under bundles/")
+    path: str
+    reason: str
+    at: datetime
+
+
 class Health(BaseModel):
     status: Literal["ok", "degraded"]
     degraded: bool
@@ -102,3 +111,6 @@ class Health(BaseModel):
     bundle_path: str
     providers: list[str]
     cache: dict[str, float]
+    loaded_at: datetime | None = Field(None, description="when the served bundle was loaded (UTC)")
+    follows_current: bool = Field(False, description="whether a switch of bundles/current is followed")
+    last_refused: RefusedBundle | None = Field(None, description="the latest bundle refused by this process")

@@ -65,7 +65,7 @@ class ApiGuard:
         if path == "/healthz" and method == "GET":
             if recommender is None:
                 return await _send_json(send, 503, {"status": "starting", "degraded": True})
-            return await _send_json(send, 200, recommender.health().model_dump())
+            return await _send_json(send, 200, recommender.health().model_dump(mode="json"))
         endpoint = API_ENDPOINTS.get(path)
         if endpoint is None or method != "POST":
             return await self.app(scope, receive, send)

@@ -17,7 +17,14 @@ from typing import Any, Literal
 from pydantic import Field
 from pydantic_settings import BaseSettings, EnvSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
 
-from recsys_serving.contract import BUNDLES_DIR, CURRENT_BUNDLE, DEFAULT_RECSYS_HOME, REPO_ROOT, SERVED_EVENTS_DIR
+from recsys_serving.contract import (
+    BUNDLES_DIR,
+    CURRENT_BUNDLE,
+    DEFAULT_RECSYS_HOME,
+    REPO_ROOT,
+    SERVED_ANSWERS_DIR,
+    SERVED_EVENTS_DIR,
+)
 
 # What `from_env(environ)` reads instead of os.environ: a context variable, so a caller in another
 # thread or task keeps reading its own.
@@ -94,6 +101,20 @@ class ServingSettings(BaseSettings):
         "an inference under 5 ms at load, else thread (a slow Redis read or a long inference must not "
         "stall the event loop)",
     )
+    reload_interval_s: float = Field(
+        default=2.0,
+        ge=0,
+        description="how often a service on the bundles/current pointer checks whether it was switched "
+        "(promotion, rollback) and loads the new bundle in the background; 0 = never (restart to switch)",
+    )
+    answer_log: bool = Field(default=True, description="log every answer given (answer_log.py), for drift")
+    answer_log_dir: Path | None = Field(default=None, description="None = $RECSYS_HOME/events/answers")
+    answer_log_max_bytes: int = Field(
+        default=64 * 1024 * 1024, ge=1024, description="an answer log file is rotated at this size"
+    )
+    answer_log_keep: int = Field(
+        default=8, ge=2, description="answer log files kept per process (the one written + rotated ones)"
+    )
     trace_requests: bool = Field(
         default=False,
         description="OpenTelemetry spans for /recommend and /events (BentoML's tracing config decides "
@@ -131,3 +152,6 @@ class ServingSettings(BaseSettings):
 
     def resolved_event_log_dir(self) -> Path:
         return (self.event_log_dir or self.home.expanduser() / SERVED_EVENTS_DIR).expanduser()
+
+    def resolved_answer_log_dir(self) -> Path:
+        return (self.answer_log_dir or self.home.expanduser() / SERVED_ANSWERS_DIR).expanduser()

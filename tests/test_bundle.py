@@ -17,7 +17,6 @@ import torch
 from recsys_assets.bert4rec.model import BERT4Rec, BERT4RecConfig
 from recsys_assets.export.bundle import (
     CURRENT,
-    champion_metrics,
     current_version,
     data_window,
     evaluate_gate,
@@ -56,8 +55,11 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[BERT4RecConfig, 
     return config, report
 
 
-def _metrics(ndcg: float, popularity: float = 0.05, fingerprint: str = "data-1") -> dict[str, Any]:
-    return {
+def _metrics(
+    ndcg: float, popularity: float = 0.05, fingerprint: str = "data-1", champion: tuple[str, float] | None = None
+) -> dict[str, Any]:
+    """An evaluation report; `champion` (version, NDCG@10): the served bundle scored in the same report."""
+    doc: dict[str, Any] = {
         "models": {
             "bert4rec": {"full": {"NDCG@10": ndcg}},
             "popularity": {"full": {"NDCG@10": popularity}},
@@ -66,6 +68,10 @@ def _metrics(ndcg: float, popularity: float = 0.05, fingerprint: str = "data-1")
         "dataset": {"fingerprint": fingerprint},
         "config": {"fit": "train"},
     }
+    if champion is not None:
+        doc["models"]["champion"] = {"full": {"NDCG@10": champion[1]}}
+        doc["champion"] = {"status": "scored", "version": champion[0]}
+    return doc
 
 
 def _write(root: Path, exported: tuple[BERT4RecConfig, ExportReport], version: str, ndcg: float = 0.1) -> Path:
@@ -238,29 +244,35 @@ def test_popularity_vocabulary_and_window_from_the_warehouse(tmp_path: Path) -> 
 
 def test_gate_promotion_and_rollback(tmp_path: Path, exported: tuple[BERT4RecConfig, ExportReport]) -> None:
     root = tmp_path / "bundles"
-    assert current_version(root) is None and champion_metrics(root) is None
+    assert current_version(root) is None
 
     # no champion: beats the baselines -> promoted
     first = evaluate_gate(root, _metrics(0.10), tolerance=0.02)
-    assert first.passed and first.champion is None
+    assert first.passed and first.champion is None and first.champion_status == "none"
     _write(root, exported, "v1", ndcg=0.10)
     promote(root, "v1", first.reasons)
     assert (root / CURRENT).is_symlink() and current_version(root) == "v1"
-    assert champion_metrics(root)["models"]["bert4rec"]["full"]["NDCG@10"] == 0.10
 
-    # regresses by 5% > 2% tolerance against the champion -> not promoted, bundle kept
-    worse = evaluate_gate(root, _metrics(0.095), tolerance=0.02)
+    # 5% below the champion scored in the same report (> 2% tolerance) -> not promoted, bundle kept
+    worse = evaluate_gate(root, _metrics(0.095, champion=("v1", 0.10)), tolerance=0.02)
     assert not worse.passed and worse.champion == "v1"
-    assert any("regresses" in r for r in worse.reasons)
+    assert any(r.startswith("below champion v1 on the same data") for r in worse.reasons)
+    assert (worse.challenger_value, worse.champion_value) == (0.095, 0.10)
+    assert worse.margin == pytest.approx(-0.05) and worse.figures["champion"] == {"full": {"NDCG@10": 0.10}}
     _write(root, exported, "v2", ndcg=0.095)
     assert current_version(root) == "v1"
 
-    # does not beat a baseline -> refused even without regression
-    assert not evaluate_gate(root, _metrics(0.10, popularity=0.2), tolerance=0.02).passed
+    # a report that did not score the served champion (or scored another one) cannot promote
+    stale = evaluate_gate(root, _metrics(0.2), tolerance=0.02)
+    assert not stale.passed and any("re-run evaluation_report" in r for r in stale.reasons)
+    assert not evaluate_gate(root, _metrics(0.2, champion=("v0", 0.1)), tolerance=0.02).passed
+
+    # does not beat a baseline -> refused even when it holds up against the champion
+    assert not evaluate_gate(root, _metrics(0.10, popularity=0.2, champion=("v1", 0.10)), tolerance=0.02).passed
 
     # within tolerance -> promoted; the switch is atomic (a symlink replaced, never absent)
-    ok = evaluate_gate(root, _metrics(0.099), tolerance=0.02)
-    assert ok.passed
+    ok = evaluate_gate(root, _metrics(0.099, champion=("v1", 0.10)), tolerance=0.02)
+    assert ok.passed and ok.margin == pytest.approx(-0.01)
     _write(root, exported, "v3", ndcg=0.099)
     promote(root, "v3", ok.reasons)
     assert current_version(root) == "v3"
@@ -308,7 +320,7 @@ def _warehouse(home: Path) -> None:
 
 def test_export_assets_materialize_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """onnx_model -> tensorrt_engine -> model_bundle -> bento, upstream values read by the real IO managers."""
-    from dagster import AssetKey, SourceAsset, materialize
+    from dagster import AssetCheckSeverity, AssetKey, SourceAsset, materialize
 
     from recsys_assets.assets import export as export_assets
     from recsys_assets.bert4rec.model import save_model
@@ -366,8 +378,11 @@ def test_export_assets_materialize_end_to_end(tmp_path: Path, monkeypatch: pytes
     assert ("model.plan" in manifest.files) == trt["built"]
     popularity = json.loads((tmp_path / "bundles" / "current" / "popularity.json").read_text())
     assert set(popularity["by_device"]) == {"web", "ios"} and set(popularity["by_segment"]) == {"new", "vip"}
-    checks = result.get_asset_check_evaluations()
-    assert [c.passed for c in checks] == [True]
+    checks = {c.check_name: c for c in result.get_asset_check_evaluations()}
+    assert {name: c.passed for name, c in checks.items()} == {"bundle_loads_in_serving": True, "tensorrt_engine_built": trt["built"]}
+    if not trt["built"]:  # a warning in the UI with the reason, not a green tensorrt_engine; the bundle still built
+        assert checks["tensorrt_engine_built"].severity == AssetCheckSeverity.WARN
+        assert checks["tensorrt_engine_built"].metadata["reason"].value == trt["reason"]
     bento = result.output_for_node("bento")
     assert bento["tag"] == f"recsys_recommender:{bundle_out['version'].lower()}"
     built = tmp_path / "bentoml" / "bentos" / "recsys_recommender" / bundle_out["version"].lower()

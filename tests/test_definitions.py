@@ -24,6 +24,7 @@ DATA_ASSETS = {
     "user_sequence_features",
     "feast_online_store",
 }
+AUTOMATIONS = ("weekly_retrain_schedule", "daily_drift_schedule", "drift_retrain_sensor", "run_failure_alert")
 
 
 def test_definitions_load_every_stage() -> None:
@@ -34,6 +35,40 @@ def test_definitions_load_every_stage() -> None:
     assert defs.resolve_job_def("retrain_job") is not None
     checks = {c.name for c in defs.resolve_asset_graph().asset_check_keys}
     assert {"counts_reconcile", "no_null_ids", "time_ordered", "sequences_valid", "online_matches_offline"} <= checks
+
+
+def test_jobs_schedules_and_sensors_of_the_location() -> None:
+    """retrain_job leaves drift_report to drift_job, which re-ingests and re-cleans but runs nothing of
+    training; the schedules and sensors are loaded, on by default, targeting those jobs."""
+    from dagster import DefaultScheduleStatus, DefaultSensorStatus
+
+    from recsys_assets.automation import AutomationSettings
+    from recsys_assets.definitions import defs
+
+    def selected(job_name: str) -> set[str]:
+        job = defs.resolve_job_def(job_name)
+        return {k.to_user_string() for k in job.asset_layer.selected_asset_keys}
+
+    everything = {k.to_user_string() for k in defs.resolve_asset_graph().get_all_asset_keys()}
+    assert "drift_report" in everything
+    assert selected("retrain_job") == everything - {"drift_report"}
+    assert selected("drift_job") == {"raw_events", "cleaned_interactions", "quarantined_events", "drift_report"}
+    graph = defs.resolve_asset_graph()
+    drift_checks = {c.name for c in defs.resolve_job_def("drift_job").asset_layer.asset_graph.asset_check_keys}
+    assert {"counts_reconcile", "no_null_ids", "time_ordered"} <= drift_checks
+
+    repo = defs.get_repository_def()
+    settings = AutomationSettings()  # the crons come from the environment (defaults: tests/test_automation.py)
+    schedules = {s.name: (s.job_name, s.cron_schedule, s.default_status) for s in repo.schedule_defs}
+    assert schedules == {
+        "weekly_retrain_schedule": ("retrain_job", settings.retrain_cron, DefaultScheduleStatus.RUNNING),
+        "daily_drift_schedule": ("drift_job", settings.drift_cron, DefaultScheduleStatus.RUNNING),
+    }
+    sensors = {s.name: s for s in repo.sensor_defs}
+    assert {"drift_retrain_sensor", "run_failure_alert"} <= set(sensors)
+    assert sensors["drift_retrain_sensor"].job_name == "retrain_job"
+    assert all(sensors[n].default_status == DefaultSensorStatus.RUNNING for n in ("drift_retrain_sensor", "run_failure_alert"))
+    assert "tensorrt_engine_built" in {c.name for c in graph.asset_check_keys}
 
 
 @pytest.mark.parametrize("query", ["*evaluation_report", "cleaned_interactions", "quarantined_events"])
@@ -97,6 +132,16 @@ def test_webserver_lists_assets_over_graphql(tmp_path: Path) -> None:
                 pass
             time.sleep(1)
         assert DATA_ASSETS <= names, f"GraphQL listed {sorted(names)}"
+        # The automations as the UI shows them: on by default in a fresh instance.
+        automations = (
+            '{ repositoryOrError(repositorySelector: {repositoryLocationName: "recsys", repositoryName: "__repository__"})'
+            " { ... on Repository { schedules { name scheduleState { status } } sensors { name sensorState { status } } } } }"
+        )
+        repo = httpx.post(f"http://127.0.0.1:{port}/graphql", json={"query": automations}, timeout=30).json()
+        repo = repo["data"]["repositoryOrError"]
+        states = {s["name"]: s["scheduleState"]["status"] for s in repo["schedules"]}
+        states |= {s["name"]: s["sensorState"]["status"] for s in repo["sensors"]}
+        assert {n: states.get(n) for n in AUTOMATIONS} == dict.fromkeys(AUTOMATIONS, "RUNNING"), states
     finally:
         proc.terminate()
         proc.wait(timeout=30)

@@ -19,7 +19,7 @@ from recsys_assets.evaluation.protocol import (
     make_eval_set,
     popularity_buckets,
 )
-from recsys_assets.evaluation.report import gate_passes, write_report
+from recsys_assets.evaluation.report import gate_decision, gate_passes, write_report
 from recsys_assets.io_manager import TableRef
 
 
@@ -145,32 +145,49 @@ def test_bootstrap_intervals() -> None:
     assert lo == pytest.approx(0.5) and hi == pytest.approx(0.5)
 
 
-def _doc(b4r: float, knn: float, fingerprint: str = "f", fit: str = "train") -> dict:
-    return {
-        "dataset": {"fingerprint": fingerprint},
-        "config": {"fit": fit},
+def _doc(b4r: float, knn: float, champion: float | None = None, status: str | None = None) -> dict:
+    doc: dict = {
+        "dataset": {"fingerprint": "f"},
+        "config": {"fit": "train"},
         "models": {
             "bert4rec": {"full": {"NDCG@10": b4r}},
             "popularity": {"full": {"NDCG@10": 0.005}},
             "item_knn": {"full": {"NDCG@10": knn}},
         },
     }
+    if champion is not None:
+        doc["models"]["champion"] = {"full": {"NDCG@10": champion}}
+    if status is not None:
+        doc["champion"] = {"status": status, "version": "v1", "reason": "model.onnx sha256 differs"}
+    return doc
 
 
 def test_gate() -> None:
-    ok, reasons = gate_passes(_doc(0.05, 0.03), None)
-    assert ok and any("no champion" in r for r in reasons)
-    ok, reasons = gate_passes(_doc(0.02, 0.03), None)
+    ok, reasons = gate_passes(_doc(0.05, 0.03))
+    assert ok and any("no champion promoted yet" in r for r in reasons)
+    ok, reasons = gate_passes(_doc(0.02, 0.03))
     assert not ok and any("does not beat item_knn" in r for r in reasons)
-    assert gate_passes(_doc(0.05, 0.03), _doc(0.0505, 0.03), tolerance=0.02)[0]
-    ok, reasons = gate_passes(_doc(0.05, 0.03), _doc(0.06, 0.03), tolerance=0.02)
-    assert not ok and any("regresses" in r for r in reasons)
-    # New data: compare margins over the best baseline (0.05 / 0.03 vs the champion's 0.06 / 0.03).
-    ok, reasons = gate_passes(_doc(0.05, 0.03), _doc(0.06, 0.03, fingerprint="other"), tolerance=0.02)
-    assert not ok and any("ratio to the best baseline" in r for r in reasons)
-    assert gate_passes(_doc(0.05, 0.03), _doc(0.06, 0.036, fingerprint="other"), tolerance=0.02)[0]
-    assert gate_passes(_doc(0.05, 0.03), _doc(0.05, 0.03, fit="train+valid"), tolerance=0.0)[0]
-    assert not gate_passes({"models": {}}, None)[0]
+    # The champion's figure comes from the same report; within the tolerance a tie promotes (a
+    # fresh retrain replaces it), and the champion is no baseline to beat strictly.
+    decision = gate_decision(_doc(0.05, 0.03, champion=0.0505, status="scored"), tolerance=0.02)
+    assert decision["passed"] and decision["champion"] == 0.0505 and decision["challenger"] == 0.05
+    assert decision["threshold"] == pytest.approx(0.0505 * 0.98) and decision["margin"] == pytest.approx(0.05 / 0.0505 - 1)
+    assert sum("champion" in r for r in decision["reasons"]) == 1
+    assert not any("beat champion" in r for r in decision["reasons"])
+    ok, reasons = gate_passes(_doc(0.05, 0.03, champion=0.06, status="scored"), tolerance=0.02)
+    assert not ok and any(r.startswith("below champion v1 on the same data") for r in reasons)
+    assert not gate_passes(_doc(0.05, 0.03, champion=0.0505), tolerance=0.0)[0]  # no tolerance: a loss is a loss
+    # beating the champion does not excuse losing to a baseline
+    assert not gate_passes(_doc(0.05, 0.06, champion=0.01, status="scored"), tolerance=0.02)[0]
+    # A champion that could not be scored: baselines only, saying why.
+    decision = gate_decision(_doc(0.05, 0.03, status="refused"), tolerance=0.02)
+    assert decision["passed"] and decision["champion"] is None and decision["champion_status"] == "refused"
+    assert any("champion v1 could not be scored (model.onnx sha256 differs)" in r for r in decision["reasons"])
+    # Scored but its figure missing from the report: refused.
+    assert not gate_passes(_doc(0.05, 0.03, status="scored"), tolerance=0.02)[0]
+    assert not gate_passes({"models": {}})[0]
+    with pytest.raises(ValueError, match="tolerance"):
+        gate_passes(_doc(0.05, 0.03), tolerance=1.0)
 
 
 def test_write_report_and_latest(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -180,6 +197,7 @@ def test_write_report_and_latest(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     fixed = np.random.default_rng(2).random(60)
     scorers = {
         "bert4rec": _oracle(eval_set, 60, wrong_every=3),
+        "champion": _oracle(eval_set, 60, wrong_every=2),
         "popularity": lambda b: np.tile(counts, (len(b), 1)),
         "item_knn": lambda b: np.tile(fixed, (len(b), 1)),
     }
@@ -187,21 +205,26 @@ def test_write_report_and_latest(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     log = [{"epoch": e, "train_loss": 5 - e * 0.1, "valid_NDCG@10": 0.01 * e} for e in range(1, 6)]
     doc, paths = write_report(
         results, dataset={"name": "toy", "fingerprint": "abc"}, config={"fit": "train", "split": "test"},
-        training_log=log, run_id="run1", gate=lambda d: gate_passes(d, None), user_ids=eval_set.user_ids,
-        n_bootstrap=100,
+        training_log=log, run_id="run1", gate=lambda d: gate_decision(d, 0.02), user_ids=eval_set.user_ids,
+        n_bootstrap=100, champion={"status": "scored", "version": "v7", "scores": "exact", "unknown_target_share": 0.0},
     )
     assert paths.run_dir == tmp_path / "reports" / "evaluation" / "run1"
     saved = json.loads(paths.metrics_json.read_text())
-    assert set(saved["models"]) == {"bert4rec", "popularity", "item_knn"}
+    assert set(saved["models"]) == {"bert4rec", "champion", "popularity", "item_knn"}
     assert set(saved["models"]["bert4rec"]) == {"full", "sampled_pop20"}
     assert saved["models"]["bert4rec"]["full"]["HR@10"] == pytest.approx(results["bert4rec"].metrics["full"]["HR@10"])
     lift = saved["lift"]["popularity"]["full"]["NDCG@10"]
     assert lift["relative"] == pytest.approx(lift["model"] / lift["baseline"] - 1)
     assert lift["ci"][0] <= lift["relative"] <= lift["ci"][1]
-    assert saved["gate"]["passed"] is True
+    assert saved["gate"]["passed"] is True and saved["champion"]["version"] == "v7"
+    # the champion sits beside the models, compared once (not as a baseline), its figure in the gate
+    assert saved["gate"]["champion"] == pytest.approx(saved["models"]["champion"]["full"]["NDCG@10"])
+    assert not any("beat champion" in r for r in saved["gate"]["reasons"])
+    assert "champion" in saved["lift"] and "champion" in saved["slices"]
     assert set(paths.plots) == {"metrics", "slices", "training"}
     page = paths.report_html.read_text()
     assert page.count("data:image/png;base64,") == 3 and "Relative lift" in page
+    assert "<h2>Champion</h2>" in page and "v7" in page and "<h3>Slices: champion (full)</h3>" in page
     ranks = np.load(paths.run_dir / "ranks.npz")
     assert np.array_equal(ranks["bert4rec/full"], results["bert4rec"].ranks["full"])
     latest = tmp_path / "reports" / "evaluation" / "latest"
@@ -242,9 +265,10 @@ def _warehouse(tmp_path: Path, users: int = 120, vocab: int = 30) -> tuple[Table
         },
         schema_overrides={"token": pl.Int32, "count": pl.Int64},
     )
+    context_frame = pl.DataFrame({"kind": ["device"], "value": ["web"], "token": [1]}, schema_overrides={"token": pl.Int16})
     db = tmp_path / "warehouse.duckdb"
     with duckdb.connect(str(db)) as con:
-        for name, frame in (("tokenized_sequences", rows), ("item_vocabulary", vocab_frame)):
+        for name, frame in (("tokenized_sequences", rows), ("item_vocabulary", vocab_frame), ("context_vocabulary", context_frame)):
             con.register("incoming", frame.to_arrow())
             con.execute(f"CREATE TABLE {name} AS SELECT * FROM incoming")
             con.unregister("incoming")
@@ -273,6 +297,7 @@ def test_assets_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
     upstream = [
         AssetSpec("tokenized_sequences").with_io_manager_key("warehouse_io_manager"),
         AssetSpec("item_vocabulary").with_io_manager_key("warehouse_io_manager"),
+        AssetSpec("context_vocabulary").with_io_manager_key("warehouse_io_manager"),
         AssetSpec("bert4rec_model").with_io_manager_key("artifact_io_manager"),
     ]
     knobs = {"n_bootstrap": 20, "protocols": ["full", "sampled_pop10", "sampled_pop100"]}
@@ -303,6 +328,9 @@ def test_assets_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
     assert set(out["metrics"]) == {"bert4rec", "popularity", "item_knn", "last_item"}
     # An untrained network does not beat the transition baseline: the gate must say so.
     assert out["gate"]["passed"] is False
+    # Nothing promoted yet: no champion in the report, and the gate says it compared with baselines only.
+    assert out["champion"]["status"] == "none" and "champion" not in out["metrics"]
+    assert any("no champion promoted yet" in r for r in out["gate"]["reasons"])
     checks = result.get_asset_check_evaluations()
     assert [c.check_name for c in checks] == ["evaluation_gate"] and checks[0].passed is False
     saved = json.loads(Path(out["metrics_json"]).read_text())

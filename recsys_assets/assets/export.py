@@ -20,6 +20,7 @@ import numpy as np
 from dagster import (
     AssetCheckExecutionContext,
     AssetCheckResult,
+    AssetCheckSeverity,
     AssetExecutionContext,
     Config,
     MetadataValue,
@@ -203,6 +204,20 @@ def tensorrt_engine(
     }
 
 
+@asset_check(
+    asset=tensorrt_engine,
+    description="A TensorRT engine was built. Warns (model_bundle still runs, serving uses ONNX Runtime) "
+    "where CUDA or tensorrt is missing, so the UI does not show a plain green materialization.",
+)
+def tensorrt_engine_built(tensorrt_engine: dict[str, Any]) -> AssetCheckResult:
+    if tensorrt_engine.get("built"):
+        return AssetCheckResult(passed=True, metadata={"plan_path": MetadataValue.path(str(tensorrt_engine["path"]))})
+    reason = str(tensorrt_engine.get("reason"))
+    return AssetCheckResult(
+        passed=False, severity=AssetCheckSeverity.WARN, description=f"no TensorRT engine: {reason}", metadata={"reason": reason}
+    )
+
+
 # --------------------------------------------------------------------------- model_bundle
 
 
@@ -309,6 +324,11 @@ def model_bundle(
             "gate_passed": decision.passed,
             "gate_reasons": MetadataValue.md("\n".join(f"- {r}" for r in decision.reasons)),
             "champion_before": str(decision.champion),
+            "champion_status": decision.champion_status,
+            # the gate's figures, challenger and champion scored in the same report (same data)
+            **{key: MetadataValue.float(v) for key, v in (
+                ("challenger_ndcg10", decision.challenger_value), ("champion_ndcg10", decision.champion_value),
+                ("margin", decision.margin)) if v is not None},
             "promoted": promoted,
             "current": str(current_version(root)),
             "tensorrt_plan": "included" if plan else f"not built: {tensorrt_engine.get('reason')}",
@@ -421,4 +441,4 @@ def bento(context: AssetExecutionContext, config: BentoConfig, model_bundle: dic
 
 
 assets = [onnx_model, tensorrt_engine, model_bundle, bento]
-asset_checks = [bundle_loads_in_serving]
+asset_checks = [tensorrt_engine_built, bundle_loads_in_serving]

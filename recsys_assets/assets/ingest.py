@@ -16,7 +16,7 @@ from dagster import (
     asset,
     asset_check,
 )
-from pydantic import Field
+from pydantic import Field, TypeAdapter, ValidationError
 
 from recsys_assets.assets.metadata import table_markdown
 from recsys_assets.config import recsys_home
@@ -44,6 +44,11 @@ class RawEventsConfig(Config):
     synthetic_users: int | None = Field(None, description="Override the generator's number of users.")
     synthetic_items: int | None = Field(None, description="Override the generator's number of items.")
     synthetic_seed: int | None = Field(None, description="Override the generator's seed.")
+    synthetic_periods_json: str = Field(
+        "",
+        description="Following periods of the generator, a JSON list of PeriodShift objects, e.g. "
+        '[{"days": 14, "new_items": 50, "new_item_share": 0.3}]; default $RECSYS_SYNTHETIC_PERIODS, else none.',
+    )
     include_served_events: bool = Field(
         True, description="Append the events the serving API logged under $RECSYS_HOME/events/served."
     )
@@ -58,17 +63,35 @@ class RawEventsConfig(Config):
         return fmt, path
 
 
+SYNTHETIC_PERIODS_ENV = "RECSYS_SYNTHETIC_PERIODS"
+
+
+def synthetic_periods(config: RawEventsConfig) -> list[synthetic.PeriodShift]:
+    """The following periods asked for in the run config, else in $RECSYS_SYNTHETIC_PERIODS."""
+    name = "synthetic_periods_json" if config.synthetic_periods_json.strip() else f"${SYNTHETIC_PERIODS_ENV}"
+    text = config.synthetic_periods_json.strip() or os.environ.get(SYNTHETIC_PERIODS_ENV, "").strip()
+    if not text:
+        return []
+    try:
+        return TypeAdapter(list[synthetic.PeriodShift]).validate_json(text)
+    except ValidationError as exc:
+        raise ValueError(f"{name} is not a JSON list of PeriodShift objects: {exc}") from None
+
+
 def _synthetic_source(config: RawEventsConfig, log) -> tuple[Path, str]:
     """Generate the default data once per generator config (cached under $RECSYS_HOME/sources)."""
     overrides = {
         "n_users": config.synthetic_users,
         "n_items": config.synthetic_items,
         "seed": config.synthetic_seed,
+        "following_periods": synthetic_periods(config) or None,
     }
     gen_config = synthetic.DEFAULT_CONFIG.model_copy(
         update={k: v for k, v in overrides.items() if v is not None}
     )
-    key = hashlib.sha256(gen_config.model_dump_json().encode()).hexdigest()[:12]
+    # Without periods the key is the one of a config without the field: existing caches stay valid.
+    unset = None if gen_config.following_periods else {"following_periods"}
+    key = hashlib.sha256(gen_config.model_dump_json(exclude=unset).encode()).hexdigest()[:12]
     out_dir = recsys_home() / "sources" / f"synthetic-{key}"
     done = out_dir / "_SUCCESS.json"
     if not done.exists():

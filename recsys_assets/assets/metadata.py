@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import base64
 import io
-from typing import Any, Literal, get_args
+from typing import Any
 
 import duckdb
 import polars as pl
 from dagster import MetadataValue, TableColumn, TableSchema
+
+from recsys_serving.contract import DRIFT_VERDICTS, RETRAIN_VERDICTS, DriftVerdict  # noqa: F401 (re-exported)
 
 # cleaned_interactions records the repeated-view rule it applied under this key; the feature store
 # applies the same rule to events that serving pushes.
@@ -17,9 +19,7 @@ REPEATED_VIEW_RULE_METADATA = "repeated_view_rule"
 
 # drift_report records its verdict under this key; the drift sensor reads it to decide on a retrain.
 DRIFT_VERDICT_METADATA = "verdict"
-DriftVerdict = Literal["stable", "drift", "degradation", "drift_and_degradation", "no_reference"]
-DRIFT_VERDICTS: tuple[str, ...] = get_args(DriftVerdict)
-RETRAIN_VERDICTS: frozenset[str] = frozenset({"drift", "degradation", "drift_and_degradation"})
+# DriftVerdict, DRIFT_VERDICTS and RETRAIN_VERDICTS (imported above) are defined in the contract.
 
 
 def figure_markdown(fig: Any, title: str = "") -> MetadataValue:

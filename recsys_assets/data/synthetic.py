@@ -17,7 +17,14 @@ to find:
   after a purchase, so a sequence model and even a last-item transition baseline beat popularity;
 - noise at configurable rates: bot users (huge volume, several events per second, random items),
   exact duplicate rows, malformed rows (CSV only), null ids, unknown event types, timestamps in
-  the future. `GenerationSummary.noise` counts every injected row.
+  the future. `GenerationSummary.noise` counts every injected row;
+- optionally, following periods (`following_periods`, one `PeriodShift` each): the days after the
+  window, written as `events-pNN-<chunk>.csv.gz|parquet` next to the base chunks. The same users
+  (who keep segment, bot status, activity, preferred categories and primary device), catalogue and
+  successors; fresh draws of everything else (the persona is replayed from the base draws). Unshifted,
+  a period is the same process as the base window (the same events per user, squeezed into its
+  days), so a drift monitor must find nothing; its shifts plant drift: trending items outside the
+  catalogue, another device mix, rotated category or item popularity, more or fewer events per user.
 
 Everything is vectorized numpy per chunk of users (the only Python loop runs over positions in a
 user's history, each step handling all users of the chunk at once), so memory is bounded by
@@ -34,8 +41,8 @@ import re
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
-from datetime import datetime, timezone
+from dataclasses import dataclass, replace
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Callable, Literal
 
@@ -61,7 +68,7 @@ NOISE_KINDS: tuple[str, ...] = (
     "unknown_event_type",
     "future_timestamp",
 )
-CHUNK_FILE = re.compile(r"^events-\d{5}\.(csv\.gz|parquet)$")
+CHUNK_FILE = re.compile(r"^events-(p\d{2}-)?\d{5}\.(csv\.gz|parquet)$")  # base chunks, then pNN-: periods
 _SUCCESSORS = 3  # series next, accessory, also viewed
 _USER_KEY = np.int64(1) << 40  # separates users in one int64 key (timestamps stay far below 2**40)
 
@@ -138,6 +145,45 @@ def _default_segments() -> dict[str, SegmentProfile]:
     }
 
 
+class PeriodShift(BaseModel):
+    """A period that follows the base window (or the previous period): `days` long, the same process
+    as the base window unless one of the shifts below is set."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    days: int = Field(14, ge=1, le=3650, description="Length of the period in days.")
+    new_items: int = Field(
+        0, ge=0, le=10_000_000,
+        description="Trending items outside the base catalogue (ids after it; each period has its own).",
+    )
+    new_item_share: float = Field(
+        0.0, ge=0, lt=1, description="Share of fresh views (those not following a successor) that pick a new item."
+    )
+    device_mix: dict[str, float] | None = Field(
+        None, description="Primary-device mix of every segment in the period (default: each segment's own)."
+    )
+    category_rotation: float = Field(
+        0.0, ge=0, lt=1,
+        description="Rotate category popularity by this fraction of the categories (the top ones lose their traffic).",
+    )
+    popularity_rotation: float = Field(
+        0.0, ge=0, lt=1, description="Rotate item popularity ranks inside each category by this fraction of its size."
+    )
+    activity: float = Field(1.0, gt=0, le=100, description="Multiplier of the events per user.")
+
+    @model_validator(mode="after")
+    def _check(self) -> PeriodShift:
+        if (self.new_items > 0) != (self.new_item_share > 0):
+            raise ValueError(
+                f"new_items ({self.new_items}) and new_item_share ({self.new_item_share}) must be set together"
+            )
+        if self.device_mix is not None and (
+            not self.device_mix or any(w < 0 for w in self.device_mix.values()) or sum(self.device_mix.values()) <= 0
+        ):
+            raise ValueError(f"device_mix needs non-negative weights with a positive sum, got {self.device_mix}")
+        return self
+
+
 def _default_devices() -> dict[str, DeviceProfile]:
     return {
         # Commute, lunch break and the evening couch.
@@ -211,6 +257,10 @@ class SyntheticConfig(BaseModel):
     # Encoding.
     csv_compresslevel: int = Field(6, ge=1, le=9, description="gzip level of CSV chunks.")
     parquet_compression: Literal["zstd", "snappy", "gzip", "none"] = Field("zstd", description="Parquet codec.")
+    # Data after the window.
+    following_periods: list[PeriodShift] = Field(
+        default_factory=list, description="Periods written after `end`, one after the other (see PeriodShift)."
+    )
 
     @model_validator(mode="after")
     def _check(self) -> SyntheticConfig:
@@ -242,7 +292,37 @@ class SyntheticConfig(BaseModel):
             unknown = sorted(set(seg.device_mix) - set(self.devices))
             if unknown:
                 raise ValueError(f"segment {name!r} names devices {unknown} that are not in devices {sorted(self.devices)}")
+        for k, period in enumerate(self.following_periods, start=1):
+            unknown = sorted(set(period.device_mix or {}) - set(self.devices))
+            if unknown:
+                raise ValueError(f"following period {k} names devices {unknown} that are not in devices {sorted(self.devices)}")
         return self
+
+    def period_window(self, period: int) -> tuple[datetime, datetime]:
+        """(start, end) of following period `period` (1-based): right after the previous one."""
+        if not 1 <= period <= len(self.following_periods):
+            raise ValueError(f"period {period} is not one of the {len(self.following_periods)} following periods")
+        start = self.end + timedelta(days=sum(p.days for p in self.following_periods[: period - 1]))
+        return start, start + timedelta(days=self.following_periods[period - 1].days)
+
+    def period_config(self, period: int) -> SyntheticConfig:
+        """The config that generates following period `period`: the base process over the period's days."""
+        shift = self.following_periods[period - 1]
+        start, end = self.period_window(period)
+        segments = {
+            name: seg.model_copy(update={"device_mix": dict(shift.device_mix)}) if shift.device_mix else seg
+            for name, seg in self.segments.items()
+        }
+        return SyntheticConfig.model_validate(
+            {
+                **self.model_dump(),
+                "start": start,
+                "end": end,
+                "events_per_user_mean": self.events_per_user_mean * shift.activity,
+                "segments": {k: v.model_dump() for k, v in segments.items()},
+                "following_periods": [],
+            }
+        )
 
     @property
     def n_chunks(self) -> int:
@@ -251,9 +331,18 @@ class SyntheticConfig(BaseModel):
     @property
     def expected_events(self) -> float:
         """Rows the config should produce on average (noise included), for progress bars and sizing."""
-        humans = self.n_users * (1 - self.bot_user_rate) * self.events_per_user_mean
-        bots = self.n_users * self.bot_user_rate * self.bot_events_mean
+        activity = 1.0 + sum(p.activity for p in self.following_periods)
+        humans = self.n_users * (1 - self.bot_user_rate) * self.events_per_user_mean * activity
+        bots = self.n_users * self.bot_user_rate * self.bot_events_mean * (1 + len(self.following_periods))
         return (humans + bots) * (1 + self.duplicate_rate)
+
+
+class PeriodSummary(BaseModel):
+    start: datetime
+    end: datetime
+    events: int = Field(description="Rows written for the period, noise included.")
+    new_items: int = Field(description="The period's trending items outside the catalogue.")
+    new_item_ids: tuple[str, str] | None = Field(description="First and last id of those items (consecutive numbers).")
 
 
 class GenerationSummary(BaseModel):
@@ -263,6 +352,7 @@ class GenerationSummary(BaseModel):
     items: int
     noise: dict[str, int] = Field(description="Injected noise: bot users, and rows of each kind (see NOISE_KINDS).")
     seconds: float
+    periods: list[PeriodSummary] = Field(default_factory=list, description="The following periods, in order.")
 
 
 # The embedded default data of `make run`: small enough that the whole asset graph, BERT4Rec training
@@ -293,6 +383,13 @@ class _Catalog:
     price: np.ndarray  # float64 [n_items]
     item_ids: pa.Array  # string [n_items]
     category_names: pa.Array  # string [n_categories]
+    # Shifts of a following period (none in the base window): fresh draws of rank r in category c
+    # take rank (r + rank_shift[c]) mod its size; a share of them goes to the items from `first_new` on.
+    rank_shift: np.ndarray | None = None  # int64 [n_categories]
+    category_shift: int = 0  # category c takes the popularity (and the fans) of category c - category_shift
+    first_new: int = 0
+    n_new: int = 0
+    new_share: float = 0.0
 
 
 def _cdf(weights: np.ndarray) -> np.ndarray:
@@ -370,6 +467,48 @@ def _build_catalog(cfg: SyntheticConfig) -> _Catalog:
     )
 
 
+def _period_catalog(cfg: SyntheticConfig, period: int) -> _Catalog:
+    """The base catalogue as following period `period` sees it: rotated popularity and its own
+    trending items appended after the base items (ids continue after earlier periods' new items)."""
+    base = _build_catalog(cfg)
+    shift = cfg.following_periods[period - 1]
+    rng = np.random.default_rng([cfg.seed, 0, period])
+    n_items, n_cat = cfg.n_items, cfg.n_categories
+    cat_weights = np.arange(1, n_cat + 1, dtype=np.float64) ** -cfg.category_popularity_exponent
+    category_shift = int(round(shift.category_rotation * n_cat)) % n_cat
+    cat_cdf = _cdf(np.roll(cat_weights, category_shift))
+    rank_shift = np.round(shift.popularity_rotation * base.cat_size).astype(np.int64) % base.cat_size
+    n_new = shift.new_items
+    if n_new == 0:
+        return replace(base, cat_cdf=cat_cdf, rank_shift=rank_shift, category_shift=category_shift)
+    new = np.arange(n_items, n_items + n_new)
+    new_cat = _categorical(rng, cat_cdf, n_new).astype(np.int32)
+    successors = np.empty((n_new, _SUCCESSORS), dtype=np.int32)
+    successors[:, 0] = n_items + (new - n_items + 1) % n_new  # trending items come as a series
+    other = _categorical(rng, cat_cdf, n_new)
+    for slot, cats in ((1, other), (2, new_cat)):  # accessory elsewhere, also viewed in its own category
+        successors[:, slot] = base.cat_offset[cats] + _power_law_rank(
+            rng.random(n_new), base.cat_size[cats], cfg.item_popularity_exponent
+        )
+    # Priced like a random item of the same category.
+    peer = base.cat_offset[new_cat] + rng.integers(0, base.cat_size[new_cat])
+    price = np.maximum(np.round(base.price[peer] * rng.lognormal(0.0, 0.2, n_new), 2), 0.5)
+    first_code = n_items + 1 + sum(p.new_items for p in cfg.following_periods[: period - 1])
+    return replace(
+        base,
+        item_category=np.concatenate([base.item_category, new_cat]),
+        cat_cdf=cat_cdf,
+        successors=np.concatenate([base.successors, successors.reshape(-1)]),
+        price=np.concatenate([base.price, price]),
+        item_ids=pa.concat_arrays([base.item_ids, _string_ids("i", np.arange(first_code, first_code + n_new))]),
+        rank_shift=rank_shift,
+        category_shift=category_shift,
+        first_new=n_items,
+        n_new=n_new,
+        new_share=shift.new_item_share,
+    )
+
+
 # ----------------------------------------------------------------------------------------------
 # Events of one chunk of users
 # ----------------------------------------------------------------------------------------------
@@ -405,9 +544,28 @@ def _grouped_exclusive_cumsum(values: np.ndarray, group_start: np.ndarray, group
     return before - before[group_start][group_of]
 
 
+@dataclass
+class _Persona:
+    """What a human user keeps from one period to the next (drawn in the base window)."""
+
+    activity: np.ndarray  # float64 [n]: log-normal multiplier of the user's events
+    preferred: np.ndarray  # int64 [n, preferred_categories]
+    primary: np.ndarray  # int64 [n]: primary device
+
+
 def _human_rows(
-    rng: np.random.Generator, cfg: SyntheticConfig, cat: _Catalog, users: np.ndarray, seg: np.ndarray
+    rng: np.random.Generator,
+    cfg: SyntheticConfig,
+    cat: _Catalog,
+    users: np.ndarray,
+    seg: np.ndarray,
+    persona: _Persona | None = None,
+    keep_device: bool = True,
+    drawn: dict[str, np.ndarray] | None = None,
 ) -> _Rows:
+    """Events of human `users`. A following period passes the base window's `persona` (the primary
+    device only when `keep_device`: another device mix draws it afresh); `drawn`, if given, receives
+    the persona this call drew."""
     seg_names = list(cfg.segments)
     profiles = [cfg.segments[s] for s in seg_names]
     dev_names = list(cfg.devices)
@@ -422,7 +580,8 @@ def _human_rows(
 
     n = len(users)
     sigma = cfg.activity_dispersion
-    expected = base_views * activity[seg] * rng.lognormal(-0.5 * sigma**2, sigma, n)
+    user_activity = persona.activity if persona is not None else rng.lognormal(-0.5 * sigma**2, sigma, n)
+    expected = base_views * activity[seg] * user_activity
     views = np.minimum(1 + rng.poisson(np.maximum(expected - 1.0, 0.0)), cfg.max_views_per_user)
     total = int(views.sum())
     first = np.cumsum(views) - views
@@ -443,13 +602,22 @@ def _human_rows(
     # Fresh draws: a preferred category (most of the time) or any category by popularity, then an
     # item of it by within-category popularity.
     k = cfg.preferred_categories
-    preferred = _categorical(rng, cat.cat_cdf, (n, k))
+    if persona is not None:  # tastes move with a rotation of category popularity
+        preferred = (persona.preferred + cat.category_shift) % cfg.n_categories
+    else:
+        preferred = _categorical(rng, cat.cat_cdf, (n, k))
     which = _categorical(rng, _cdf(1.0 / np.arange(1, k + 1)), total)
     loyal = rng.random(total) < cfg.category_loyalty
     fresh_cat = np.where(loyal, preferred[owner, which], _categorical(rng, cat.cat_cdf, total))
-    item = cat.cat_offset[fresh_cat] + _power_law_rank(
-        rng.random(total), cat.cat_size[fresh_cat], cfg.item_popularity_exponent
-    )
+    rank = _power_law_rank(rng.random(total), cat.cat_size[fresh_cat], cfg.item_popularity_exponent)
+    if cat.rank_shift is not None:
+        rank = (rank + cat.rank_shift[fresh_cat]) % cat.cat_size[fresh_cat]
+    item = cat.cat_offset[fresh_cat] + rank
+    if cat.n_new:  # only in a shifted period: the base window's draws stay as they are
+        trending = np.flatnonzero(rng.random(total) < cat.new_share)
+        item[trending] = cat.first_new + _power_law_rank(
+            rng.random(len(trending)), np.full(len(trending), cat.n_new), cfg.item_popularity_exponent
+        )
 
     # Planted structure: follow a successor of the previous item, or reload it.
     follow_p = np.where(new_session, cfg.cross_session_strength, cfg.pattern_strength)
@@ -485,7 +653,12 @@ def _human_rows(
     dev_cdf = np.cumsum(dev_mix / dev_mix.sum(axis=1, keepdims=True), axis=1)
     dev_cdf[:, -1] = 1.0
     user_seg = seg
-    primary = (rng.random(n)[:, None] >= dev_cdf[user_seg]).sum(axis=1)
+    if persona is not None and keep_device:
+        primary = persona.primary
+    else:
+        primary = (rng.random(n)[:, None] >= dev_cdf[user_seg]).sum(axis=1)
+    if drawn is not None:
+        drawn.update(activity=user_activity, preferred=preferred, primary=primary)
     s_seg = user_seg[session_owner]
     other = (rng.random(n_sessions)[:, None] >= dev_cdf[s_seg]).sum(axis=1)
     s_dev = np.where(rng.random(n_sessions) < cfg.device_loyalty, primary[session_owner], other).astype(np.int8)
@@ -556,16 +729,39 @@ class _Noise:
     malformed: np.ndarray  # int8: -1 none, 0 field count, 1 timestamp, 2 price
 
 
-def _chunk(cfg: SyntheticConfig, cat: _Catalog, chunk: int) -> tuple[_Rows, _Noise, dict[str, int]]:
+def _users(cfg: SyntheticConfig, chunk: int) -> tuple[np.random.Generator, np.ndarray, np.ndarray]:
+    """The chunk's random stream after drawing who its users are: segment and bot or not."""
     rng = np.random.default_rng([cfg.seed, 1, chunk])
     n = min(cfg.chunk_users, cfg.n_users - chunk * cfg.chunk_users)
-    seg_names = list(cfg.segments)
-    seg = _categorical(rng, _cdf(np.array([cfg.segments[s].share for s in seg_names])), n)
+    seg = _categorical(rng, _cdf(np.array([cfg.segments[s].share for s in cfg.segments])), n)
     is_bot = rng.random(n) < cfg.bot_user_rate
+    return rng, seg, is_bot
+
+
+def _base_persona(cfg: SyntheticConfig, cat: _Catalog, chunk: int) -> _Persona:
+    """The chunk's human users as the base window drew them (replays the base window's draws)."""
+    rng, seg, is_bot = _users(cfg, chunk)
+    humans = np.flatnonzero(~is_bot)
+    drawn: dict[str, np.ndarray] = {}
+    if len(humans):
+        _human_rows(rng, cfg, cat, humans, seg[humans], drawn=drawn)
+    else:
+        drawn = {"activity": np.ones(0), "preferred": np.zeros((0, cfg.preferred_categories), int), "primary": np.zeros(0, int)}
+    return _Persona(**drawn)
+
+
+def _chunk(
+    cfg: SyntheticConfig, cat: _Catalog, chunk: int, period: int = 0, persona: _Persona | None = None,
+    keep_device: bool = True,
+) -> tuple[_Rows, _Noise, dict[str, int]]:
+    rng, seg, is_bot = _users(cfg, chunk)
+    if period:  # the same users (segment, bot, persona); every other draw is the period's own
+        rng = np.random.default_rng([cfg.seed, 1, chunk, period])
+    seg_names = list(cfg.segments)
     humans, bots = np.flatnonzero(~is_bot), np.flatnonzero(is_bot)
     parts = []
     if len(humans):
-        parts.append(_human_rows(rng, cfg, cat, humans, seg[humans]))
+        parts.append(_human_rows(rng, cfg, cat, humans, seg[humans], persona, keep_device))
     if len(bots):
         bot_seg = seg_names.index("new") if "new" in seg_names else 0
         bot_dev = list(cfg.devices).index("desktop") if "desktop" in cfg.devices else 0
@@ -646,7 +842,9 @@ def _write_parquet(path: Path, cfg: SyntheticConfig, columns: dict[str, pa.Array
     )
 
 
-def _write_csv(path: Path, cfg: SyntheticConfig, columns: dict[str, pa.Array], noise: _Noise, seed: int) -> None:
+def _write_csv(
+    path: Path, cfg: SyntheticConfig, columns: dict[str, pa.Array], noise: _Noise, seed: int | list[int]
+) -> None:
     # Built by hand (one joined string per row) because a CSV writer cannot emit the malformed rows.
     rng = np.random.default_rng(seed)
     text = dict(columns)
@@ -681,31 +879,38 @@ def _write_csv(path: Path, cfg: SyntheticConfig, columns: dict[str, pa.Array], n
             out.write(b"\n")
 
 
-def chunk_file_name(chunk: int, output_format: str) -> str:
-    return f"events-{chunk:05d}.{'csv.gz' if output_format == 'csv' else 'parquet'}"
+def chunk_file_name(chunk: int, output_format: str, period: int = 0) -> str:
+    """`events-<chunk>` for the base window, `events-p<period>-<chunk>` for a following period."""
+    prefix = f"events-p{period:02d}-" if period else "events-"
+    return f"{prefix}{chunk:05d}.{'csv.gz' if output_format == 'csv' else 'parquet'}"
 
 
-_WORKER_CATALOG: dict[str, _Catalog] = {}
+_WORKER_CATALOG: dict[tuple[str, int], _Catalog] = {}
 
 
-def _catalog_for(cfg: SyntheticConfig) -> _Catalog:
-    key = cfg.model_dump_json()
+def _catalog_for(cfg: SyntheticConfig, period: int = 0) -> _Catalog:
+    key = (cfg.model_dump_json(), period)
     if key not in _WORKER_CATALOG:
-        _WORKER_CATALOG.clear()  # one config at a time per process: bounded memory
-        _WORKER_CATALOG[key] = _build_catalog(cfg)
+        for old in [k for k in _WORKER_CATALOG if k[0] != key[0] or (k[1] and period)]:
+            del _WORKER_CATALOG[old]  # bounded memory: the base catalogue and at most one period's
+        _WORKER_CATALOG[key] = _period_catalog(cfg, period) if period else _build_catalog(cfg)
     return _WORKER_CATALOG[key]
 
 
-def _write_chunk(cfg: SyntheticConfig, out_dir: Path, chunk: int) -> tuple[str, int, dict[str, int]]:
-    cat = _catalog_for(cfg)
-    rows, noise, counts = _chunk(cfg, cat, chunk)
-    columns = _columns(cfg, cat, chunk, rows, noise)
-    final = out_dir / chunk_file_name(chunk, cfg.output_format)
+def _write_chunk(cfg: SyntheticConfig, out_dir: Path, chunk: int, period: int = 0) -> tuple[str, int, dict[str, int]]:
+    cat = _catalog_for(cfg, period)
+    gen = cfg.period_config(period) if period else cfg
+    persona = _base_persona(cfg, _catalog_for(cfg), chunk) if period else None
+    keep_device = not (period and cfg.following_periods[period - 1].device_mix)
+    rows, noise, counts = _chunk(gen, cat, chunk, period, persona, keep_device)
+    columns = _columns(gen, cat, chunk, rows, noise)
+    final = out_dir / chunk_file_name(chunk, cfg.output_format, period)
     tmp = final.with_name(f".{final.name}.tmp")
     if cfg.output_format == "parquet":
         _write_parquet(tmp, cfg, columns)
     else:
-        _write_csv(tmp, cfg, columns, noise, seed=cfg.seed * 1_000_003 + chunk)
+        seed = [cfg.seed, 2, chunk, period] if period else cfg.seed * 1_000_003 + chunk
+        _write_csv(tmp, cfg, columns, noise, seed=seed)
     tmp.replace(final)  # a reader never sees half a chunk
     return str(final), len(rows.ts), counts
 
@@ -717,9 +922,10 @@ def generate_events(
 ) -> GenerationSummary:
     """Write the chunk files of `config` into `out_dir` and return what was written.
 
-    `out_dir` is the generator's: chunk files already there (`events-NNNNN.csv.gz|parquet`) are
-    replaced, other files are left alone. `progress`, if given, is called with the rows of each
-    finished chunk.
+    `out_dir` is the generator's: chunk files already there (`events-NNNNN.csv.gz|parquet`, and
+    `events-pNN-NNNNN...` of following periods) are replaced, other files are left alone. `progress`,
+    if given, is called with the rows of each finished chunk. The base chunks do not depend on
+    `following_periods`: adding periods to a config leaves its base files byte-identical.
     """
     started = time.perf_counter()
     cfg = SyntheticConfig.model_validate(config.model_dump())  # re-validate: model_copy(update=) does not
@@ -731,28 +937,41 @@ def generate_events(
 
     files: list[str] = []
     events = 0
+    period_events = [0] * (1 + len(cfg.following_periods))
     noise = dict.fromkeys(NOISE_KINDS, 0)
 
-    def collect(result: tuple[str, int, dict[str, int]]) -> None:
+    def collect(result: tuple[str, int, dict[str, int]], period: int) -> None:
         nonlocal events
         path, rows, counts = result
         files.append(path)
         events += rows
+        period_events[period] += rows
         for name, value in counts.items():
             noise[name] += value
         if progress is not None:
             progress(rows)
 
-    chunks = range(cfg.n_chunks)
-    if cfg.workers == 1 or cfg.n_chunks == 1:
-        for chunk in chunks:
-            collect(_write_chunk(cfg, out_dir, chunk))
+    tasks = [(chunk, period) for period in range(1 + len(cfg.following_periods)) for chunk in range(cfg.n_chunks)]
+    chunks, periods = [t[0] for t in tasks], [t[1] for t in tasks]
+    if cfg.workers == 1 or len(tasks) == 1:
+        for chunk, period in tasks:
+            collect(_write_chunk(cfg, out_dir, chunk, period), period)
     else:
         # spawn, not fork: the caller may hold threads (DuckDB, Dagster) that a fork would copy mid-flight.
         context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=min(cfg.workers, cfg.n_chunks), mp_context=context) as pool:
-            for result in pool.map(_write_chunk, [cfg] * cfg.n_chunks, [out_dir] * cfg.n_chunks, chunks):
-                collect(result)
+        with ProcessPoolExecutor(max_workers=min(cfg.workers, len(tasks)), mp_context=context) as pool:
+            results = pool.map(_write_chunk, [cfg] * len(tasks), [out_dir] * len(tasks), chunks, periods)
+            for result, period in zip(results, periods):
+                collect(result, period)
+    summaries = []
+    first_code = cfg.n_items + 1
+    for k, shift in enumerate(cfg.following_periods, start=1):
+        start, end = cfg.period_window(k)
+        ids = (f"i{first_code}", f"i{first_code + shift.new_items - 1}") if shift.new_items else None
+        summaries.append(
+            PeriodSummary(start=start, end=end, events=period_events[k], new_items=shift.new_items, new_item_ids=ids)
+        )
+        first_code += shift.new_items
     return GenerationSummary(
         files=files,
         events=events,
@@ -760,6 +979,7 @@ def generate_events(
         items=cfg.n_items,
         noise=noise,
         seconds=round(time.perf_counter() - started, 3),
+        periods=summaries,
     )
 
 
@@ -784,6 +1004,30 @@ _CLI_FIELDS: dict[str, tuple[str, type]] = {
     "future_ts_rate": ("future_ts_rate", float),
     "pattern_strength": ("pattern_strength", float),
 }
+# Options of one following period (PeriodShift fields); --following-days alone adds an unshifted one.
+_PERIOD_FIELDS: dict[str, tuple[str, type]] = {
+    "following_days": ("days", int),
+    "new_items": ("new_items", int),
+    "new_item_share": ("new_item_share", float),
+    "device_mix": ("device_mix", str),
+    "category_rotation": ("category_rotation", float),
+    "popularity_rotation": ("popularity_rotation", float),
+    "activity": ("activity", float),
+}
+
+
+def _device_mix(text: str) -> dict[str, float]:
+    """`mobile=0.7,desktop=0.3` -> {"mobile": 0.7, "desktop": 0.3}."""
+    mix: dict[str, float] = {}
+    for part in text.split(","):
+        name, sep, weight = part.partition("=")
+        try:
+            mix[name.strip()] = float(weight)
+        except ValueError:
+            raise ValueError(f"--device-mix expects device=weight pairs separated by commas, got {part!r}") from None
+        if not sep or not name.strip():
+            raise ValueError(f"--device-mix expects device=weight pairs separated by commas, got {part!r}")
+    return mix
 
 
 def config_from_args(args: argparse.Namespace) -> SyntheticConfig:
@@ -797,6 +1041,11 @@ def config_from_args(args: argparse.Namespace) -> SyntheticConfig:
         updates["n_categories"] = max(1, round(args.items * DEFAULT_CONFIG.n_categories / DEFAULT_CONFIG.n_items))
     if updates.get("output_format") == "parquet" and args.malformed_rate is None:
         updates["malformed_rate"] = 0.0  # malformed rows exist only in CSV
+    shift = {field: getattr(args, opt) for opt, (field, _) in _PERIOD_FIELDS.items() if getattr(args, opt) is not None}
+    if shift:
+        if "device_mix" in shift:
+            shift["device_mix"] = _device_mix(shift["device_mix"])
+        updates["following_periods"] = [*base.get("following_periods", []), PeriodShift.model_validate(shift).model_dump()]
     return SyntheticConfig.model_validate({**base, **updates})
 
 
@@ -814,6 +1063,15 @@ def build_parser() -> argparse.ArgumentParser:
             parser.add_argument(flag, dest=opt, choices=["csv", "parquet"], default=None, help=help_text)
         else:
             parser.add_argument(flag, dest=opt, type=kind, default=None, help=f"{help_text} (default: DEFAULT_CONFIG)")
+    period = parser.add_argument_group(
+        "following period", "Adds one period after the window (after those of --config); any of these options adds it."
+    )
+    for opt, (field, kind) in _PERIOD_FIELDS.items():
+        default = PeriodShift.model_fields[field].default
+        help_text = f"{PeriodShift.model_fields[field].description} (default: {default})"
+        if opt == "device_mix":
+            help_text = "Primary-device mix of every segment in the period, e.g. mobile=0.8,desktop=0.2."
+        period.add_argument("--" + opt.replace("_", "-"), dest=opt, type=kind, default=None, help=help_text)
     return parser
 
 
@@ -825,7 +1083,8 @@ def main(argv: list[str] | None = None) -> None:
         cfg = config_from_args(args)
     except ValueError as err:  # pydantic's ValidationError is a ValueError: name the bad option, no traceback
         sys.exit(f"recsys-generate: invalid configuration:\n{err}")
-    with tqdm(total=cfg.n_chunks, unit="chunk", desc="generating", file=sys.stderr) as bar:
+    total_chunks = cfg.n_chunks * (1 + len(cfg.following_periods))
+    with tqdm(total=total_chunks, unit="chunk", desc="generating", file=sys.stderr) as bar:
         rows_done = 0
 
         def advance(rows: int) -> None:
@@ -840,6 +1099,9 @@ def main(argv: list[str] | None = None) -> None:
         f"wrote {summary.events:,} events of {summary.users:,} users in {len(summary.files)} files "
         f"to {args.out} in {summary.seconds:.1f}s ({rate:,.0f} events/s); noise: {summary.noise}"
     )
+    for k, period in enumerate(summary.periods, start=1):
+        new = f", new items {period.new_item_ids[0]}..{period.new_item_ids[1]}" if period.new_item_ids else ""
+        print(f"following period {k}: {period.start} .. {period.end}, {period.events:,} events{new}")
 
 
 __all__ = [
@@ -848,6 +1110,8 @@ __all__ = [
     "UNKNOWN_EVENT_TYPES",
     "DeviceProfile",
     "GenerationSummary",
+    "PeriodShift",
+    "PeriodSummary",
     "SegmentProfile",
     "SyntheticConfig",
     "chunk_file_name",

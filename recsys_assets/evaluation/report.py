@@ -12,8 +12,13 @@ metrics.json::
      "models": {model: {protocol: {metric: value}}},
      "ci": {model: {protocol: {metric: [low, high]}}},          # 95% percentile bootstrap
      "slices": {model: {protocol: {kind: {slice: {"n_users", metric: value}}}}},
-     "lift": {baseline: {protocol: {metric: {"model", "baseline", "relative", "ci"}}}},
-     "training": [epoch records], "gate": {...} (when given)}
+     "lift": {other model: {protocol: {metric: {"model", "baseline", "relative", "ci"}}}},
+     "champion": {"status", "version", "reason", ...} (when given), "training": [epoch records],
+     "gate": {"passed", "reasons", "challenger", "champion", "margin", ...} (when given)}
+
+The champion (the bundle ``bundles/current`` serves) is one more model, ``"champion"``, scored by
+the same code on the same eval set, negatives and bootstrap as the challenger; the gate compares
+the two figures of this one document (`gate_decision`).
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ from recsys_assets.evaluation.metrics import bootstrap_means, lift_samples
 from recsys_assets.evaluation.protocol import EvaluationResult
 
 MODEL_NAME = "bert4rec"
+CHAMPION_NAME = "champion"  # the served bundle, scored beside the challenger (never a baseline)
 BASELINE_NAMES: tuple[str, ...] = ("popularity", "item_knn", "last_item")
 HEADLINE_METRICS: tuple[str, ...] = ("HR@10", "NDCG@10", "MRR")
 _RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -112,8 +118,10 @@ def build_metrics_document(
     model: str = MODEL_NAME,
     n_bootstrap: int = 1000,
     seed: int = 0,
+    champion: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The content of metrics.json (see module docstring)."""
+    """The content of metrics.json (see module docstring); `champion` describes the champion
+    (status "scored" | "refused" | "none", version, reason), whose figures are in `results`."""
     if not results:
         raise ValueError("no evaluation results to report")
     doc: dict[str, Any] = {
@@ -128,53 +136,65 @@ def build_metrics_document(
         "lift": relative_lift(results, model, n_bootstrap=n_bootstrap, seed=seed) if model in results else {},
         "training": list(training_log or []),
     }
+    if champion is not None:
+        doc["champion"] = dict(champion)
     return _clean(doc)
 
 
 # --------------------------------------------------------------------------- gate
 
 
-def gate_passes(
+def gate_decision(
     metrics: Mapping[str, Any],
-    champion_metrics: Mapping[str, Any] | None,
     tolerance: float = 0.0,
     model: str = MODEL_NAME,
     protocol: str = "full",
     metric: str = "NDCG@10",
     baselines: Sequence[str] | None = None,
-) -> tuple[bool, list[str]]:
-    """Promote only if `model` beats every baseline on `protocol` `metric` and does not regress
-    beyond `tolerance` (relative, e.g. 0.02 = 2%) against the champion.
+    champion: str = CHAMPION_NAME,
+) -> dict[str, Any]:
+    """The promotion rule, on one metrics.json document: `model` (the challenger) is promoted only
+    if its `protocol` `metric` beats every baseline and is >= the champion's x (1 - tolerance),
+    the champion having been scored in the same document (same eval set, negatives, bootstrap).
 
-    `metrics` and `champion_metrics` are metrics.json documents. Returns (passed, reasons), one
-    reason per check, passed or not.
+    The tolerance (relative, e.g. 0.02 = 2%) lets a fresh retrain that ties the champion replace
+    it, so the served model keeps up with the data instead of an old one holding on by noise.
+    Where no champion is promoted, or it could not be loaded or scored (`metrics["champion"]`
+    says why), the gate compares against the baselines only and says so.
 
-    Against the champion: on the same evaluation data and fit (equal dataset fingerprint and fit)
-    the figures themselves are compared. A retrain on new data cannot be compared figure to
-    figure, so there the model's ratio to its strongest baseline (both fitted and scored on that
-    report's own data) is compared with the champion's ratio: a challenger must keep at least
-    (1 - tolerance) of the champion's margin over the baselines.
+    Returns {"passed", "reasons" (one per check, passed or not), "protocol", "metric", "tolerance",
+    "challenger", "champion" (its figure or None), "champion_version", "champion_status",
+    "threshold" (champion x (1 - tolerance)), "margin" (challenger / champion - 1; the champion
+    check passes when margin >= -tolerance)}.
     """
     if not 0.0 <= tolerance < 1.0:
         raise ValueError(f"tolerance must be in [0, 1), got {tolerance}")
-    reasons: list[str] = []
+    models = metrics.get("models", {})
+    info = metrics.get("champion") or {}
+    version = info.get("version")
 
-    def value(doc: Mapping[str, Any], name: str) -> float | None:
-        v = doc.get("models", {}).get(name, {}).get(protocol, {}).get(metric)
+    def value(name: str) -> float | None:
+        v = models.get(name, {}).get(protocol, {}).get(metric)
         return None if v is None else float(v)
 
-    def baseline_names(doc: Mapping[str, Any]) -> list[str]:
-        return list(baselines) if baselines is not None else [n for n in doc.get("models", {}) if n != model]
-
-    ours = value(metrics, model)
+    ours = value(model)
+    out: dict[str, Any] = {
+        "passed": False, "reasons": [], "protocol": protocol, "metric": metric, "tolerance": tolerance,
+        "challenger": ours, "champion": None, "champion_version": version,
+        "champion_status": info.get("status", "scored" if champion in models else "none"),
+        "threshold": None, "margin": None,
+    }
+    reasons: list[str] = out["reasons"]
     if ours is None:
-        return False, [f"no {protocol} {metric} for {model!r} in the report"]
-    names = baseline_names(metrics)
+        reasons.append(f"no {protocol} {metric} for {model!r} in the report")
+        return out
+    names = list(baselines) if baselines is not None else [n for n in models if n not in (model, champion)]
     if not names:
-        return False, ["no baselines in the report: nothing to beat"]
+        reasons.append("no baselines in the report: nothing to beat")
+        return out
     passed = True
     for name in names:
-        theirs = value(metrics, name)
+        theirs = value(name)
         if theirs is None:
             passed = False
             reasons.append(f"baseline {name!r} has no {protocol} {metric}")
@@ -183,45 +203,34 @@ def gate_passes(
         else:
             passed = False
             reasons.append(f"does not beat {name}: {protocol} {metric} {ours:.4f} <= {theirs:.4f}")
-    if champion_metrics is None:
-        reasons.append("no champion yet: nothing to regress against")
-        return passed, reasons
-    champ = value(champion_metrics, model)
-    if champ is None:
-        return False, reasons + [f"champion report has no {protocol} {metric} for {model!r}"]
-    same_data = (
-        champion_metrics.get("dataset", {}).get("fingerprint") is not None
-        and champion_metrics.get("dataset", {}).get("fingerprint") == metrics.get("dataset", {}).get("fingerprint")
-        and champion_metrics.get("config", {}).get("fit") == metrics.get("config", {}).get("fit")
-    )
-    if same_data:
-        if ours >= champ * (1.0 - tolerance):
-            reasons.append(f"no regression vs champion: {ours:.4f} >= {champ:.4f} x (1 - {tolerance})")
+    champ = value(champion)
+    label = f"champion {version}" if version else "the champion"
+    if champ is not None:
+        threshold = champ * (1.0 - tolerance)
+        out.update(champion=champ, champion_status="scored", threshold=threshold,
+                   margin=ours / champ - 1.0 if champ > 0 else None)
+        if ours >= threshold:
+            reasons.append(f"holds up against {label} on the same data: {protocol} {metric} {ours:.4f} >= "
+                           f"{champ:.4f} x (1 - {tolerance}) = {threshold:.4f}")
         else:
             passed = False
-            reasons.append(f"regresses vs champion: {ours:.4f} < {champ:.4f} x (1 - {tolerance})")
-        return passed, reasons
-
-    def margin(doc: Mapping[str, Any], own: float) -> float | None:
-        best = max((v for n in baseline_names(doc) if (v := value(doc, n)) is not None), default=None)
-        return own / best if best else None
-
-    ours_margin, champ_margin = margin(metrics, ours), margin(champion_metrics, champ)
-    if ours_margin is None or champ_margin is None:
+            reasons.append(f"below {label} on the same data: {protocol} {metric} {ours:.4f} < "
+                           f"{champ:.4f} x (1 - {tolerance}) = {threshold:.4f}; the champion keeps serving")
+    elif out["champion_status"] == "refused":
+        reasons.append(f"{label} could not be scored ({info.get('reason')}): compared with the baselines only")
+    elif out["champion_status"] == "scored":
         passed = False
-        reasons.append("champion was evaluated on other data and one report lacks baselines: not comparable")
-    elif ours_margin >= champ_margin * (1.0 - tolerance):
-        reasons.append(
-            f"other data than the champion's: ratio to the best baseline {ours_margin:.3f} >= champion's "
-            f"{champ_margin:.3f} x (1 - {tolerance})"
-        )
+        reasons.append(f"{label} was scored but the report has no {protocol} {metric} for {champion!r}")
     else:
-        passed = False
-        reasons.append(
-            f"other data than the champion's: ratio to the best baseline {ours_margin:.3f} < champion's "
-            f"{champ_margin:.3f} x (1 - {tolerance})"
-        )
-    return passed, reasons
+        reasons.append("no champion promoted yet: compared with the baselines only")
+    out["passed"] = passed
+    return out
+
+
+def gate_passes(metrics: Mapping[str, Any], tolerance: float = 0.0, **kwargs: Any) -> tuple[bool, list[str]]:
+    """(passed, reasons) of `gate_decision` (same arguments)."""
+    decision = gate_decision(metrics, tolerance, **kwargs)
+    return bool(decision["passed"]), list(decision["reasons"])
 
 
 # --------------------------------------------------------------------------- plots
@@ -369,10 +378,29 @@ def render_html(doc: Mapping[str, Any], images: Mapping[str, Path]) -> str:
         parts.append(f"<h2>Gate: <span class='{cls}'>{'passed' if gate.get('passed') else 'failed'}</span></h2><ul>")
         parts += [f"<li>{html.escape(r)}</li>" for r in gate.get("reasons", [])]
         parts.append("</ul>")
+    champion = doc.get("champion")
+    if champion:
+        parts.append("<h2>Champion</h2>")
+        status = champion.get("status")
+        if status == "scored":
+            parts.append(
+                f"<p>The served bundle <b>{html.escape(str(champion.get('version')))}</b> is scored as "
+                f"<i>{CHAMPION_NAME}</i> on this eval set, with the same negatives and bootstrap as every model "
+                f"({html.escape(str(champion.get('scores', '')))}). Targets it does not know: "
+                f"{_fmt(champion.get('unknown_target_share'))}; users with no history item it knows: "
+                f"{_fmt(champion.get('cold_start_share'))} (both rank as misses).</p>"
+            )
+        elif status == "refused":
+            parts.append(
+                f"<p class='fail'>The served bundle {html.escape(str(champion.get('version')))} could not be scored: "
+                f"{html.escape(str(champion.get('reason')))}. The gate compares with the baselines only.</p>"
+            )
+        else:
+            parts.append("<p>No bundle is promoted yet: the gate compares with the baselines only.</p>")
     parts.append("<h2>Headline metrics</h2>")
     parts.append(_table(["model", "protocol", *HEADLINE_METRICS], headline_rows(doc)))
     if doc.get("lift"):
-        parts.append("<h2>Relative lift of bert4rec over each baseline</h2>")
+        parts.append(f"<h2>Relative lift of {MODEL_NAME} over each other model</h2>")
         rows = [
             [base, protocol, metric, v["model"], v["baseline"],
              f"{v['relative']:+.1%}" if v["relative"] is not None else None,
@@ -381,7 +409,7 @@ def render_html(doc: Mapping[str, Any], images: Mapping[str, Path]) -> str:
             for protocol, per_m in per_p.items()
             for metric, v in per_m.items()
         ]
-        parts.append(_table(["baseline", "protocol", "metric", "bert4rec", "baseline", "lift", "95% CI"], rows))
+        parts.append(_table(["compared with", "protocol", "metric", MODEL_NAME, "other", "lift", "95% CI"], rows))
     for key, title in (("metrics", "Metrics per model"), ("slices", "NDCG@10 by slice (full ranking)"),
                        ("training", "Training curve")):
         if key in images:
@@ -433,15 +461,17 @@ def write_report(
     training_log: Sequence[Mapping[str, Any]] | None = None,
     run_id: str | None = None,
     root: Path | None = None,
-    gate: Callable[[Mapping[str, Any]], tuple[bool, list[str]]] | None = None,
+    gate: Callable[[Mapping[str, Any]], tuple[bool, list[str]] | Mapping[str, Any]] | None = None,
     user_ids: np.ndarray | None = None,
     n_bootstrap: int = 1000,
     seed: int = 0,
+    champion: Mapping[str, Any] | None = None,
 ) -> tuple[dict[str, Any], ReportPaths]:
     """Write the report of one evaluation run and make it `latest`; returns (metrics doc, paths).
 
-    `gate`, if given, is called with the metrics document (e.g. a partial of `gate_passes`) and
-    its verdict is stored under "gate" and shown at the top of the page."""
+    `gate`, if given, is called with the metrics document (e.g. a partial of `gate_decision`, or
+    anything returning (passed, reasons)) and its verdict is stored under "gate" and shown at the
+    top of the page. `champion`: see `build_metrics_document`."""
     run_id = run_id or default_run_id()
     if not _RUN_ID.match(run_id) or run_id == "latest":
         raise ValueError(f"run_id {run_id!r} must be a plain name ([A-Za-z0-9._-], not 'latest')")
@@ -454,11 +484,15 @@ def write_report(
     try:
         doc = build_metrics_document(
             results, run_id=run_id, dataset=dataset, config=config, training_log=training_log,
-            n_bootstrap=n_bootstrap, seed=seed,
+            n_bootstrap=n_bootstrap, seed=seed, champion=champion,
         )
         if gate is not None:
-            passed, reasons = gate(doc)
-            doc["gate"] = {"passed": bool(passed), "reasons": list(reasons)}
+            verdict = gate(doc)
+            if isinstance(verdict, Mapping):
+                doc["gate"] = _clean({**verdict, "passed": bool(verdict["passed"]), "reasons": list(verdict["reasons"])})
+            else:
+                passed, reasons = verdict
+                doc["gate"] = {"passed": bool(passed), "reasons": list(reasons)}
         images: dict[str, Path] = {"metrics": plot_model_metrics(doc, staging / "metrics.png")}
         slices = plot_slices(doc, staging / "slices.png")
         if slices is not None:

@@ -24,7 +24,7 @@ import duckdb
 from pydantic import BaseModel
 
 from recsys_serving.contract import CURRENT_BUNDLE, FIRST_ITEM_TOKEN
-from recsys_assets.evaluation.report import gate_passes
+from recsys_assets.evaluation.report import CHAMPION_NAME, MODEL_NAME, gate_decision
 from recsys_serving.bundle import (
     BUNDLE_FORMAT_VERSION,
     MANIFEST_FILE,
@@ -37,7 +37,6 @@ from recsys_serving.bundle import (
     Manifest,
     ModelSpec,
     Popularity,
-    read_manifest,
     sha256_file,
     verify_bundle,
 )
@@ -234,17 +233,6 @@ def current_version(root: Path) -> str | None:
     return Path(os.readlink(link)).name
 
 
-def champion_metrics(root: Path) -> dict[str, Any] | None:
-    """The evaluation report of the bundle `current` points to (None when nothing is promoted)."""
-    version = current_version(root)
-    if version is None:
-        return None
-    try:
-        return read_manifest(root / version).metrics or None
-    except BundleRefused:
-        return None
-
-
 def _switch(root: Path, version: str) -> str | None:
     """Point `current` at `version` atomically: a new symlink renamed over the old one."""
     previous = current_version(root)
@@ -283,27 +271,82 @@ def promotion_history(root: Path) -> list[PromotionRecord]:
     return [PromotionRecord.model_validate_json(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def rollback(root: Path, version: str | None = None) -> PromotionRecord:
-    """Switch `current` back to `version`, or to the bundle that was current before the latest switch."""
-    if version is None:
-        history = promotion_history(root)
-        if not history or history[-1].previous is None:
-            raise ValueError(f"no earlier bundle to roll back to in {root / PROMOTIONS_LOG}")
-        version = history[-1].previous
-    return promote(root, version, reasons=[f"rollback to {version}"], action="rollback")
+def previous_champion(root: Path) -> str | None:
+    """The bundle served before the current one: the champions in promotions.jsonl as a stack, where
+    a promotion pushes and a rollback pops back to its target (so rolling back twice goes two
+    champions back instead of undoing the first rollback)."""
+    stack: list[str] = []
+    for record in promotion_history(root):
+        if record.action == "rollback" and record.version in stack:
+            del stack[len(stack) - 1 - stack[::-1].index(record.version) :]  # pushed again below
+        stack.append(record.version)
+    current = current_version(root)
+    return next((v for v in reversed(stack) if v != current), None)
+
+
+def rollback(root: Path, to: str | None = None, reason: str | None = None) -> PromotionRecord:
+    """Switch `current` back to `to`, or to the previous champion (`previous_champion`). The target is
+    verified like a promotion (BundleRefused when it does not verify; `current` is then unchanged);
+    a running service follows the switch as it follows a promotion."""
+    current = current_version(root)
+    if to is None:
+        to = previous_champion(root)
+        if to is None:
+            raise ValueError(f"no earlier bundle to roll back to in {root / PROMOTIONS_LOG} (current: {current})")
+    if Path(to).name != to or to.startswith(".") or to in (CURRENT, PROMOTIONS_LOG):
+        raise ValueError(f"{to!r} is not a bundle version (a directory name under {root})")
+    if to == current:
+        raise ValueError(f"{to} is already the current bundle")
+    if not (root / to).is_dir():
+        available = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.is_symlink()
+                           and not p.name.startswith(".")) if root.is_dir() else []
+        raise ValueError(f"no bundle {to} under {root} (bundles there: {', '.join(available) or 'none'})")
+    return promote(root, to, reasons=[reason or f"rollback from {current} to {to}"], action="rollback")
 
 
 class GateDecision(BaseModel):
+    """The promotion decision (evaluation.report.gate_decision) with both sides' figures, as the
+    manifest's gate section records it."""
+
     passed: bool
     reasons: list[str]
-    champion: str | None
+    champion: str | None  # the version `current` pointed to when the bundle was gated
     tolerance: float
+    champion_status: str = "none"  # "scored" | "refused" (did not load or score) | "none" (nothing promoted)
+    metric: str = "full NDCG@10"
+    challenger_value: float | None = None
+    champion_value: float | None = None
+    margin: float | None = None  # challenger / champion - 1; the champion check passes when >= -tolerance
+    figures: dict[str, Any] = {}  # {"challenger" | "champion": {protocol: {metric: value}}}, the same report
 
 
 def evaluate_gate(root: Path, metrics: Mapping[str, Any], tolerance: float) -> GateDecision:
-    """The evaluation gate against the current champion (see evaluation.report.gate_passes)."""
-    passed, reasons = gate_passes(metrics, champion_metrics(root), tolerance)
-    return GateDecision(passed=passed, reasons=reasons, champion=current_version(root), tolerance=tolerance)
+    """The evaluation gate (evaluation.report.gate_decision) on the report `metrics`, which scored
+    the champion beside the challenger on the same data; refused as well when `current` is no longer
+    the champion that report scored (it was switched since: re-run the evaluation)."""
+    decision = gate_decision(metrics, tolerance)
+    passed, reasons = bool(decision["passed"]), list(decision["reasons"])
+    current = current_version(root)
+    evaluated = decision["champion_version"]
+    if current != evaluated:
+        passed = False
+        reasons.append(
+            f"the served bundle is {current or 'none'} but the report scored {evaluated or 'no champion'}: "
+            "re-run evaluation_report against the current champion"
+        )
+    models = metrics.get("models", {})
+    return GateDecision(
+        passed=passed,
+        reasons=reasons,
+        champion=current,
+        tolerance=tolerance,
+        champion_status=decision["champion_status"],
+        metric=f"{decision['protocol']} {decision['metric']}",
+        challenger_value=decision["challenger"],
+        champion_value=decision["champion"],
+        margin=decision["margin"],
+        figures={"challenger": models.get(MODEL_NAME), "champion": models.get(CHAMPION_NAME)},
+    )
 
 
 def model_spec_for(config: Any, export_report: Any) -> ModelSpec:

@@ -1,0 +1,1 @@
+"""Monitoring of the pipeline: drift reports and the Prometheus Pushgateway for batch-job signals."""
