@@ -8,7 +8,8 @@ Each line holds exactly `recsys_serving.contract.ANSWER_LOG_FIELDS`::
 Files: ``<dir>/answers-<host>-<pid>.jsonl``, one per process (workers never interleave bytes),
 rotated by size with the standard library's RotatingFileHandler: the file written now plus
 ``answers-<host>-<pid>.<n>.jsonl`` for n = 1 (newest) .. keep-1, so every file ends in `.jsonl`
-and a reader globs ``*.jsonl``.
+and a reader globs ``*.jsonl``. The directory as a whole is capped too (`max_total_bytes`): files
+of earlier processes, left by restarts, are deleted oldest first at start and at each rotation.
 
 Off the request path: a request only puts a tuple on a bounded queue (`put_nowait`); a
 QueueListener thread encodes the JSON and writes. Logging never fails or slows a request: a full
@@ -63,14 +64,48 @@ def answer_line(item: QueuedAnswer) -> str:
     return json.dumps(dict(zip(ANSWER_LOG_FIELDS, values)), ensure_ascii=False)
 
 
+def prune_directory(directory: Path, max_total_bytes: int, spare: Path | None = None) -> list[Path]:
+    """Delete the oldest answer files of `directory` until they hold at most `max_total_bytes`.
+
+    Rotation bounds one process's files; this bounds the directory across restarts, whose files
+    carry other pids. Oldest first by modification time, so the files live workers write now go
+    last; `spare` (this process's current file) is never deleted."""
+    try:
+        files = [(f.stat().st_mtime, f.stat().st_size, f) for f in directory.glob(f"{FILE_PREFIX}-*.jsonl")]
+    except OSError:  # the directory went away or cannot be read: nothing to prune
+        return []
+    files.sort()
+    total = sum(size for _, size, _ in files)
+    deleted: list[Path] = []
+    for _, size, path in files:
+        if total <= max_total_bytes:
+            break
+        if spare is not None and path == spare:
+            continue
+        try:
+            path.unlink()
+        except OSError:
+            continue
+        total -= size
+        deleted.append(path)
+    return deleted
+
+
 class _RotatingFile(logging.handlers.RotatingFileHandler):
     """Rotation as the standard library does it; errors are counted instead of printed."""
 
-    def __init__(self, path: Path, max_bytes: int, keep: int, on_error: Callable[[BaseException | None], None]) -> None:
+    def __init__(self, path: Path, max_bytes: int, keep: int, on_error: Callable[[BaseException | None], None],
+                 max_total_bytes: int | None = None) -> None:
         # delay: the file is opened at the first answer, so an unwritable directory never stops start-up
         super().__init__(path, maxBytes=max_bytes, backupCount=keep - 1, encoding="utf-8", delay=True)
         self.namer = _rotated_name
         self._on_error = on_error
+        self._max_total_bytes = max_total_bytes
+
+    def doRollover(self) -> None:
+        super().doRollover()
+        if self._max_total_bytes is not None:
+            prune_directory(Path(self.baseFilename).parent, self._max_total_bytes, spare=Path(self.baseFilename))
 
     def _open(self) -> Any:
         Path(self.baseFilename).parent.mkdir(parents=True, exist_ok=True)  # recreated if it went away
@@ -126,6 +161,7 @@ class AnswerLog:
         keep: int = 8,
         on_drop: Callable[[str], None] | None = None,
         queue_size: int = DEFAULT_QUEUE_SIZE,
+        max_total_bytes: int | None = None,
     ) -> None:
         if keep < 2:
             raise ValueError(f"keep must be >= 2 (the file written and at least one rotated), got {keep}")
@@ -141,7 +177,9 @@ class AnswerLog:
         self._errors = 0
         self._warned_at = -ERROR_LOG_INTERVAL_S
         self._closed = False
-        self._handler = _RotatingFile(self.path, max_bytes, keep, self._write_failed)
+        if max_total_bytes is not None:  # files of earlier processes (restarts) count too
+            prune_directory(self.directory, max_total_bytes, spare=self.path)
+        self._handler = _RotatingFile(self.path, max_bytes, keep, self._write_failed, max_total_bytes)
         self._listener = _Listener(self._queue, self._handler)
         self._listener.start()
 

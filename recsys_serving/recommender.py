@@ -176,6 +176,7 @@ class Recommender:
                 settings.resolved_answer_log_dir(),
                 max_bytes=settings.answer_log_max_bytes,
                 keep=settings.answer_log_keep,
+                max_total_bytes=settings.answer_log_max_total_bytes,
                 on_drop=lambda reason: metrics.answer_log_dropped.labels(reason=reason).inc(),
             )
             if settings.answer_log

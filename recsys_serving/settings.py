@@ -115,6 +115,11 @@ class ServingSettings(BaseSettings):
     answer_log_keep: int = Field(
         default=8, ge=2, description="answer log files kept per process (the one written + rotated ones)"
     )
+    answer_log_max_total_bytes: int = Field(
+        default=2 * 1024**3, ge=1024,
+        description="cap of the whole answer log directory: files of earlier processes (restarts) are "
+        "deleted oldest first beyond it",
+    )
     trace_requests: bool = Field(
         default=False,
         description="OpenTelemetry spans for /recommend and /events (BentoML's tracing config decides "

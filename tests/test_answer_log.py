@@ -116,6 +116,28 @@ def test_rotation_bounds_the_files(tmp_path: Path) -> None:
     assert ServingSettings.from_env({"RECSYS_ANSWER_LOG_MAX_BYTES": "4096"}).answer_log_max_bytes == 4096
 
 
+def test_the_directory_is_capped_across_restarts(tmp_path: Path) -> None:
+    """Files left by earlier processes (other pids) count against the directory's cap and go oldest
+    first, at start and at each rotation; the file this process writes is never deleted."""
+    directory = tmp_path / "answers"
+    directory.mkdir()
+    for k in range(6):  # six earlier processes, 3 KB each, oldest first
+        old = directory / f"answers-host-{1000 + k}.jsonl"
+        old.write_text("x" * 3000)
+        os.utime(old, (1_000_000 + k, 1_000_000 + k))
+    log = AnswerLog(directory, max_bytes=2048, keep=2, max_total_bytes=10_000)
+    try:
+        assert sorted(p.name for p in directory.iterdir()) == [f"answers-host-{1000 + k}.jsonl" for k in (3, 4, 5)]
+        for n in range(200):
+            log.record(f"u{n:03d}", [f"item-{k}" for k in range(5)], "v1", None)
+        assert log.flush()
+    finally:
+        log.close()
+    total = sum(p.stat().st_size for p in directory.iterdir())
+    assert total <= 10_000 + 2048 and log.path.exists()  # the cap, give or take the file being written
+    assert _lines(log.path)[-1]["user_id"] == "u199"
+
+
 def test_an_unwritable_log_never_fails_a_request(
     tmp_path: Path, exported: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -296,3 +296,21 @@ def test_drift_report_asset_on_a_shifted_period(tmp_path: Path, served: Served, 
     assert meta["performance_drop"].value == summary["performance"]["drop"]
     assert meta["out_of_vocabulary_share"].value > 0.1 and meta["current_events"].value > 10_000
     assert meta["popularity_deciles"].value.startswith("![traffic per popularity decile](data:image/png;base64,")
+
+
+def test_old_drift_reports_are_pruned(tmp_path: Path) -> None:
+    """A daily report must not fill the disk: only the newest `keep` run directories stay."""
+    import os
+
+    from recsys_assets.monitoring.drift import SUMMARY_FILE, prune_reports
+
+    for k in range(5):
+        run = tmp_path / f"run{k}"
+        run.mkdir()
+        (run / SUMMARY_FILE).write_text("{}")
+        os.utime(run / SUMMARY_FILE, (1_000_000 + k, 1_000_000 + k))
+    (tmp_path / "latest").symlink_to("run4", target_is_directory=True)
+    (tmp_path / "notes").mkdir()  # not a report: left alone
+    deleted = prune_reports(tmp_path, keep=2)
+    assert sorted(p.name for p in deleted) == ["run0", "run1", "run2"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "notes", "run3", "run4"]

@@ -285,8 +285,11 @@ class Daemon:
 def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     exe = binary("prometheus-pushgateway")
     port = free_port()
-    daemon = Daemon("pushgateway", [exe, f"--web.listen-address=127.0.0.1:{port}"], f"http://127.0.0.1:{port}",
-                    tmp_path_factory.mktemp("pushgateway") / "pushgateway.log")
+    work = tmp_path_factory.mktemp("pushgateway")
+    # Debian's build persists to /var/lib/prometheus/pushgateway.data by default: each test gateway
+    # gets its own file, so no state leaks between runs (or into a system gateway).
+    cmd = [exe, f"--web.listen-address=127.0.0.1:{port}", f"--persistence.file={work / 'pushgateway.data'}"]
+    daemon = Daemon("pushgateway", cmd, f"http://127.0.0.1:{port}", work / "pushgateway.log")
     try:
         daemon.wait_ready()
         yield daemon.url

@@ -410,10 +410,15 @@ def bento(context: AssetExecutionContext, config: BentoConfig, model_bundle: dic
     bundle_dir = root / version
     verify_bundle(bundle_dir)
     home = config.bentoml_home or os.environ.get("BENTOML_HOME") or str(recsys_home() / "bentoml")
+    env = {**os.environ, "BENTOML_HOME": home, "BENTOML_DO_NOT_TRACK": "True"}
+    existing = _bento_in_store(f"{BENTO_NAME}:{version.lower()}", env, config.timeout_s)
+    if existing is not None:
+        # Bentos are write-once like bundles: a run whose bundle was not promoted keeps the champion's.
+        context.log.info(f"bento {existing} of bundle {version} is already built: reusing it")
+        return _bento_result(context, existing, version, home, built=False)
     staging = recsys_home() / "tmp" / f"bento-build-{uuid.uuid4().hex[:8]}"
     try:
         stage_build_context(bundle_dir, staging)
-        env = {**os.environ, "BENTOML_HOME": home, "BENTOML_DO_NOT_TRACK": "True"}
         cmd = [sys.executable, "-m", "bentoml", "build", str(staging), "-f", str(staging / "bentofile.yaml"),
                "--version", version.lower(), "-o", "tag"]
         result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=config.timeout_s)
@@ -425,15 +430,31 @@ def bento(context: AssetExecutionContext, config: BentoConfig, model_bundle: dic
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     context.log.info(f"built bento {tag} with bundle {version}")
+    return _bento_result(context, tag, version, home, built=True)
+
+
+BENTO_NAME = "recsys_recommender"  # the service's name in recsys_serving/service.py
+
+
+def _bento_in_store(tag: str, env: dict[str, str], timeout_s: int) -> str | None:
+    """The tag if the bento store already holds it (`bentoml get`), else None."""
+    result = subprocess.run([sys.executable, "-m", "bentoml", "get", tag, "-o", "json"], env=env,
+                            capture_output=True, text=True, timeout=timeout_s)
+    return tag if result.returncode == 0 else None
+
+
+def _bento_result(context: AssetExecutionContext, tag: str, version: str, home: str, built: bool) -> dict[str, Any]:
     serve = f"BENTOML_HOME={home} bentoml serve {tag} --host 127.0.0.1 --port 3100"
     containerize = f"BENTOML_HOME={home} bentoml containerize {tag}"
     context.add_output_metadata(
-        {"tag": tag, "bundle_version": version, "bentoml_home": home, "serve": serve, "containerize": containerize}
+        {"tag": tag, "bundle_version": version, "bentoml_home": home, "newly_built": built, "serve": serve,
+         "containerize": containerize}
     )
     return {
         "tag": tag,
         "bundle_version": version,
         "bentoml_home": home,
+        "newly_built": built,
         "serve": serve,
         "containerize": containerize,
         "run_id": context.run.run_id,

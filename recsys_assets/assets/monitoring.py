@@ -6,7 +6,7 @@ and retrain_job leaves it out (recsys_assets/automation.py). No `from __future__
 annotations` here: Dagster 1.13 reads the `config` annotation off the signature.
 """
 
-from typing import Any, Literal
+from typing import Any
 
 from dagster import AssetExecutionContext, Config, MetadataValue, asset
 from pydantic import Field
@@ -19,31 +19,13 @@ from recsys_assets.monitoring.pushgateway import push_drift
 from recsys_assets.resources import WarehouseResource
 from recsys_serving.contract import CURRENT_BUNDLE, DRIFT_REPORTS_DIR, SERVED_ANSWERS_DIR
 
-_DEFAULTS = DriftConfig()  # one set of defaults: the library's
 
 
-class DriftReportConfig(Config):
-    """Thresholds, sample sizes and windows (recsys_assets.monitoring.drift.DriftConfig)."""
+class DriftReportConfig(Config, DriftConfig):
+    """The library's DriftConfig (thresholds, sample sizes, windows: defined once, there) as Dagster
+    run config, plus where the reports go."""
 
-    drift_share_threshold: float = Field(_DEFAULTS.drift_share_threshold, ge=0, le=1,
-                                         description="drift when the share of drifted signals is over this")
-    key_signals: list[str] = Field(list(_DEFAULTS.key_signals), description="drift when any of these drifted")
-    categorical_method: str = Field(_DEFAULTS.categorical_method, description="Evidently stattest, categorical signals")
-    numerical_method: str = Field(_DEFAULTS.numerical_method, description="Evidently stattest of sequence_length")
-    categorical_threshold: float = Field(_DEFAULTS.categorical_threshold, gt=0)
-    numerical_threshold: float = Field(_DEFAULTS.numerical_threshold, gt=0)
-    per_signal_threshold: dict[str, float] = Field(default_factory=dict, description="thresholds of single signals")
-    max_sample_rows: int = Field(_DEFAULTS.max_sample_rows, ge=100, description="rows per side and unit for Evidently")
-    min_rows: int = Field(_DEFAULTS.min_rows, ge=1, description="rows per side a signal needs to be judged")
-    seed: int = Field(_DEFAULTS.seed, ge=0)
-    reference_days: int = Field(_DEFAULTS.reference_days, ge=0, description="last N days of the training window (0: all)")
-    current_days: int = Field(_DEFAULTS.current_days, ge=0, description="last N days after the training window (0: all)")
-    performance_metric: Literal["NDCG@10", "HR@10"] = _DEFAULTS.performance_metric
-    degradation_threshold: float = Field(_DEFAULTS.degradation_threshold, ge=0, le=1,
-                                         description="degradation when the relative drop is over this")
-    max_scored_users: int = Field(_DEFAULTS.max_scored_users, ge=1, description="users scored per window")
-    min_scored_users: int = Field(_DEFAULTS.min_scored_users, ge=1)
-    score_performance: bool = Field(_DEFAULTS.score_performance, description="score the served bundle")
+    keep_reports: int = Field(30, ge=1, description="report directories kept under reports/drift (newest first)")
 
 
 def _signals_markdown(signals: dict[str, Any]) -> str:
@@ -75,10 +57,10 @@ def drift_report(
     with warehouse.connect() as con:
         result = compute_drift(
             con, cleaned_interactions.table, bundle_dir, home / SERVED_ANSWERS_DIR,
-            DriftConfig(**config.model_dump()), log=context.log.info,
+            DriftConfig.model_validate(config.model_dump(exclude={"keep_reports"})), log=context.log.info,
         )
     summary = result.summary
-    paths = write_drift_report(result, home / DRIFT_REPORTS_DIR, context.run.run_id)
+    paths = write_drift_report(result, home / DRIFT_REPORTS_DIR, context.run.run_id, keep=config.keep_reports)
     context.log.info(f"verdict {summary.verdict}: {'; '.join(summary.reasons)} -> {paths.report_html}")
     pushed = push_drift(summary.model_dump(mode="json"))  # no-op unless RECSYS_PUSHGATEWAY_URL is set
     windows = {k: v.model_dump() for k, v in summary.windows.items()}

@@ -713,9 +713,22 @@ def popularity_figure(summary: DriftSummary) -> Any:
     return fig
 
 
-def write_drift_report(result: DriftResult, root: Path, run_id: str) -> DriftReportPaths:
+def prune_reports(root: Path, keep: int) -> list[Path]:
+    """Delete all but the newest `keep` report directories under `root` (a daily report is about
+    15 MB); `latest` and the staging directories are left alone. Returns what was deleted."""
+    runs = [p for p in root.iterdir() if p.is_dir() and not p.is_symlink() and not p.name.startswith(".")
+            and p.name != "latest" and (p / SUMMARY_FILE).exists()]
+    runs.sort(key=lambda p: (p / SUMMARY_FILE).stat().st_mtime, reverse=True)
+    doomed = runs[keep:]
+    for path in doomed:
+        shutil.rmtree(path, ignore_errors=True)
+    return doomed
+
+
+def write_drift_report(result: DriftResult, root: Path, run_id: str, keep: int | None = None) -> DriftReportPaths:
     """Write `root/<run_id>/` (report.html, summary.json, one Evidently HTML per unit, the plot) and
-    make `root/latest` a copy of it. The run directory appears complete or not at all."""
+    make `root/latest` a copy of it. The run directory appears complete or not at all. With `keep`,
+    only the newest `keep` run directories stay (this one included)."""
     from recsys_assets.evaluation.report import publish_latest
 
     if not run_id or run_id == "latest" or Path(run_id).name != run_id or run_id.startswith("."):
@@ -746,6 +759,8 @@ def write_drift_report(result: DriftResult, root: Path, run_id: str) -> DriftRep
         shutil.rmtree(staging, ignore_errors=True)
         raise
     latest = publish_latest(run_dir, root)
+    if keep is not None:
+        prune_reports(root, keep)
     return DriftReportPaths(
         run_dir=run_dir, report_html=run_dir / REPORT_FILE, summary_json=run_dir / SUMMARY_FILE,
         evidently_html={u: run_dir / p.name for u, p in evidently.items()}, latest_dir=latest,
