@@ -1,6 +1,6 @@
 """Monitoring: the drift report of the live traffic against the served model's training window.
 
-A thin wrapper over recsys_assets.monitoring.drift. It reads the cleaned events and, at run time,
+A thin wrapper over recsys_assets.monitoring.drift (figures) and drift_report (files). It reads the cleaned events and, at run time,
 the bundle that `$RECSYS_HOME/bundles/current` points to; it trains nothing, so drift_job makes it
 and retrain_job leaves it out (recsys_assets/automation.py). No `from __future__ import
 annotations` here: Dagster 1.13 reads the `config` annotation off the signature.
@@ -14,7 +14,8 @@ from pydantic import Field
 from recsys_assets.assets.metadata import DRIFT_VERDICT_METADATA, figure_markdown
 from recsys_assets.config import bundles_dir, recsys_home
 from recsys_assets.io_manager import TableRef
-from recsys_assets.monitoring.drift import DriftConfig, compute_drift, popularity_figure, write_drift_report
+from recsys_assets.monitoring.drift import DriftConfig, compute_drift
+from recsys_assets.monitoring.drift_report import popularity_figure, write_drift_report
 from recsys_assets.monitoring.pushgateway import push_drift
 from recsys_assets.resources import WarehouseResource
 from recsys_serving.contract import CURRENT_BUNDLE, DRIFT_REPORTS_DIR, SERVED_ANSWERS_DIR
