@@ -40,7 +40,7 @@ system-deps:
 	  || echo "redis-server not installed: the Redis online-store tests will be skipped"; }
 	@{ command -v promtool && command -v prometheus-pushgateway && command -v amtool; } >/dev/null || \
 	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
-	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus prometheus-pushgateway prometheus-alertmanager >/dev/null) \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus prometheus-pushgateway prometheus-alertmanager >/dev/null) \
 	  || echo "prometheus tools not installed: the monitoring tests that need them will be skipped"; }
 
 ## The Dagster UI on http://127.0.0.1:3000: webserver + daemon, which runs the schedules and sensors

@@ -44,6 +44,10 @@ RETRAIN_VERDICTS: frozenset[str] = frozenset({"drift", "degradation", "drift_and
 
 # -- Events ------------------------------------------------------------------------------------
 
+# Events older than this are clock or parsing errors: the API refuses them (400) and cleaning
+# quarantines them (`ancient_timestamp`). Naive UTC, as the warehouse stores timestamps.
+EARLIEST_EVENT_TS = datetime(1990, 1, 1)
+
 EventType = Literal["view", "cart", "purchase"]
 EVENT_TYPES: tuple[str, ...] = get_args(EventType)
 

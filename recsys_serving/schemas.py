@@ -8,6 +8,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
+from recsys_serving.contract import EARLIEST_EVENT_TS
+
 MAX_K = 100
 MAX_RECENT_ITEMS = 500  # a cap on the request body; the model only reads its latest max_len-1
 CLOCK_SKEW = timedelta(minutes=5)
@@ -26,6 +28,21 @@ class RequestContext(_Strict):
     device: ContextValue | None = Field(None, description="e.g. mobile, desktop, app")
     segment: ContextValue | None = Field(None, description="overrides the user's stored segment")
     ts: datetime | None = Field(None, description="request time (UTC if naive); default now")
+
+    @field_validator("ts")
+    @classmethod
+    def _plausible(cls, ts: datetime | None) -> datetime | None:
+        return None if ts is None else plausible_ts(ts)
+
+
+def plausible_ts(ts: datetime) -> datetime:
+    """`ts` in UTC, if it lies between EARLIEST_EVENT_TS and now + CLOCK_SKEW; else a ValueError."""
+    utc = ts.replace(tzinfo=timezone.utc) if ts.tzinfo is None else ts.astimezone(timezone.utc)
+    if utc > datetime.now(timezone.utc) + CLOCK_SKEW:
+        raise ValueError("ts is in the future")
+    if utc < EARLIEST_EVENT_TS.replace(tzinfo=timezone.utc):
+        raise ValueError(f"ts is before {EARLIEST_EVENT_TS:%Y-%m-%d}")
+    return utc
 
 
 class RecommendRequest(_Strict):
@@ -77,13 +94,8 @@ class EventRequest(_Strict):
 
     @field_validator("ts")
     @classmethod
-    def _not_in_future(cls, ts: datetime | None) -> datetime | None:
-        if ts is None:
-            return None
-        utc = ts.replace(tzinfo=timezone.utc) if ts.tzinfo is None else ts.astimezone(timezone.utc)
-        if utc > datetime.now(timezone.utc) + CLOCK_SKEW:
-            raise ValueError("ts is in the future")
-        return utc
+    def _plausible(cls, ts: datetime | None) -> datetime | None:
+        return None if ts is None else plausible_ts(ts)
 
 
 class EventResponse(BaseModel):

@@ -314,6 +314,26 @@ def test_rees46_crlf_gzip_with_bad_rows(con: duckdb.DuckDBPyConnection, tmp_path
     }
 
 
+def test_timestamps_before_1990_are_quarantined(con: duckdb.DuckDBPyConnection) -> None:
+    """Year-0001 and 1600 events (a clock or parsing error) never reach training: quarantined with
+    their own reason, the bound being the one the API applies (contract.EARLIEST_EVENT_TS)."""
+    from recsys_serving.contract import EARLIEST_EVENT_TS
+
+    con.execute("CREATE TABLE raw_events (" + ", ".join(f"{c} {t}" for c, t in RAW_EVENTS_COLUMNS.items()) + ")")
+    rows = [(1, "0001-01-01 00:00:00"), (2, "1600-01-01 00:00:00"), (3, str(EARLIEST_EVENT_TS)), (4, "2024-05-01 10:00:00")]
+    for line, ts in rows:
+        con.execute(
+            "INSERT INTO raw_events (event_id, source_line, user_id, item_id, event_type, ts) VALUES (?, ?, 'u', 'i', 'view', ?)",
+            [line, line, ts],
+        )
+    clean_events(con, CONFIG.model_copy(update={"min_user_interactions": 1, "min_item_interactions": 1,
+                                                "dedupe_repeated_views": False}))
+    quarantined = _quarantined(con)
+    assert quarantined == {1: "ancient_timestamp", 2: "ancient_timestamp"}, quarantined
+    detail = con.execute("SELECT detail FROM quarantined_events WHERE reason = 'ancient_timestamp' LIMIT 1").fetchall()[0][0]
+    assert "is before 1990-01-01" in detail
+
+
 def test_otto_bad_sessions(con: duckdb.DuckDBPyConnection, tmp_path: Path) -> None:
     good = {"session": 5, "events": [{"aid": 1, "ts": 1659304800000, "type": "clicks"},
                                      {"aid": 2, "ts": 1659304801000, "type": "carts"},

@@ -23,6 +23,7 @@ from recsys_assets.data.schema import RAW_EVENTS_COLUMNS
 from recsys_assets.data.served_events import append_served_events
 from recsys_assets.export.bundle import export_bundle, promote, write_bundle
 from recsys_serving.bundle import MODEL_FILE, ModelSpec, read_manifest
+from recsys_serving.contract import SERVED_EVENTS_DIR
 
 from _service_harness import ITEMS, N_ITEMS, REPO, Server, free_port, successor_model
 
@@ -213,6 +214,9 @@ def test_refused_bundle_and_feature_store_outage(servers: dict[str, Any]) -> Non
         ("/recommend", {"user_id": "a", "recent_items": ["x" * 200] * 400}, 413, "exceeds"),
         ("/events", {"user_id": "a", "item_id": "i1", "event_type": "like"}, 400, "event_type"),
         ("/events", {"user_id": "a", "item_id": "i1", "event_type": "view", "ts": "2999-01-01T00:00:00"}, 400, "future"),
+        ("/events", {"user_id": "a", "item_id": "i1", "event_type": "view", "ts": "1600-01-01T00:00:00"}, 400, "before 1990"),
+        ("/events", {"user_id": "a", "item_id": "i1", "event_type": "view", "ts": "0001-01-01T00:00:00"}, 400, "before 1990"),
+        ("/recommend", {"user_id": "a", "context": {"ts": "1600-01-01T00:00:00"}}, 400, "before 1990"),
         ("/events", {"user_id": "a", "event_type": "view"}, 400, "item_id"),
         ("/events", {"user_id": "a", "item_id": "i1", "event_type": "view", "price": -1}, 400, "price"),
     ],
@@ -223,8 +227,14 @@ def test_bad_input_gets_a_clear_4xx(servers: dict[str, Any], path: str, body: An
         resp = client.post(path, content=body, headers=JSON)
     else:
         resp = client.post(path, json=body)
+    logged = _event_log_lines(servers["home"])
     assert resp.status_code == status, resp.text
     assert needle in resp.text
+    assert _event_log_lines(servers["home"]) == logged, "a refused event must not reach the event log"
+
+
+def _event_log_lines(home: Path) -> int:
+    return sum(len(f.read_text().splitlines()) for f in (home / SERVED_EVENTS_DIR).glob("*.jsonl"))
 
 
 def test_protocol_errors(servers: dict[str, Any]) -> None:

@@ -12,7 +12,13 @@ from datetime import datetime, timezone
 import duckdb
 from pydantic import BaseModel, Field, field_validator
 
-from recsys_serving.contract import CANONICAL_COLUMNS, DEFAULT_REPEATED_VIEW_WINDOW_S, EVENT_TYPES, RepeatedViewRule
+from recsys_serving.contract import (
+    CANONICAL_COLUMNS,
+    DEFAULT_REPEATED_VIEW_WINDOW_S,
+    EARLIEST_EVENT_TS,
+    EVENT_TYPES,
+    RepeatedViewRule,
+)
 from recsys_assets.data.schema import RAW_EVENTS_COLUMNS
 
 # In the order they are checked: a row gets the first reason that applies.
@@ -22,6 +28,7 @@ REASONS: tuple[str, ...] = (
     "unknown_event_type",
     "null_timestamp",
     "future_timestamp",
+    "ancient_timestamp",
     "excluded_event_type",
     "duplicate",
     "repeated_view",
@@ -51,6 +58,9 @@ class CleaningConfig(BaseModel):
     min_item_interactions: int = Field(5, ge=1, description="k-core: interactions per item.")
     max_k_core_rounds: int = Field(50, ge=1)
     now: datetime | None = Field(None, description="Timestamps after this are 'future' (default: now).")
+    earliest_ts: datetime = Field(
+        EARLIEST_EVENT_TS, description="Timestamps before this (naive UTC) are 'ancient': clock or parsing errors."
+    )
 
     @property
     def repeated_view_rule(self) -> RepeatedViewRule:
@@ -162,6 +172,7 @@ def clean_events(
             WHEN event_type IS NULL OR event_type NOT IN ({known}) THEN 'unknown_event_type'
             WHEN ts IS NULL THEN 'null_timestamp'
             WHEN ts > ?::TIMESTAMP THEN 'future_timestamp'
+            WHEN ts < ?::TIMESTAMP THEN 'ancient_timestamp'
             WHEN event_type NOT IN ({kept_types}) THEN 'excluded_event_type'
           END AS reason,
           CASE
@@ -172,11 +183,12 @@ def clean_events(
               THEN 'event_type ' || coalesce('''' || event_type || '''', 'NULL') || ' is not one of {known.replace("'", "")}'
             WHEN ts IS NULL THEN 'ts is null'
             WHEN ts > ?::TIMESTAMP THEN 'ts ' || ts::VARCHAR || ' is after ' || ?::VARCHAR
+            WHEN ts < ?::TIMESTAMP THEN 'ts ' || ts::VARCHAR || ' is before ' || ?::VARCHAR
             WHEN event_type NOT IN ({kept_types}) THEN 'event_type ' || event_type || ' is not configured as a token'
           END AS detail
         FROM "{raw_table}"
         """,
-        [now, now, now.isoformat(sep=" ")],
+        [now, config.earliest_ts, now, now.isoformat(sep=" "), config.earliest_ts, config.earliest_ts.isoformat(sep=" ")],
     )
     # 2. Duplicates and repeated views: one sort per user puts exact duplicates next to each other
     #    (same ts, item, type) and a reload right after the view it repeats.
