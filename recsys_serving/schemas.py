@@ -6,7 +6,7 @@ from datetime import datetime, timedelta, timezone
 from enum import Enum
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+from pydantic import BaseModel, ConfigDict, Field, Strict, StringConstraints, field_validator
 
 from recsys_serving.contract import EARLIEST_EVENT_TS
 
@@ -14,8 +14,11 @@ MAX_K = 100
 MAX_RECENT_ITEMS = 500  # a cap on the request body; the model only reads its latest max_len-1
 CLOCK_SKEW = timedelta(minutes=5)
 
-Identifier = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=256)]
-ContextValue = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=64)]
+MAX_PRICE = 1e9  # beyond any shop's price: a unit or parsing error
+# No control characters (NUL, newlines, ...): ids end up in logs, files and SQL of the next retrain.
+PRINTABLE = r"^[^\x00-\x1f\x7f]+$"
+Identifier = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=256, pattern=PRINTABLE)]
+ContextValue = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=64, pattern=PRINTABLE)]
 
 
 class _Strict(BaseModel):
@@ -47,7 +50,7 @@ def plausible_ts(ts: datetime) -> datetime:
 
 class RecommendRequest(_Strict):
     user_id: Identifier
-    k: int = Field(10, ge=1, le=MAX_K, description=f"number of items, 1..{MAX_K}")
+    k: Annotated[int, Strict()] = Field(10, ge=1, le=MAX_K, description=f"number of items, 1..{MAX_K} (a JSON integer)")
     recent_items: list[Identifier] | None = Field(
         None,
         max_length=MAX_RECENT_ITEMS,
@@ -90,7 +93,7 @@ class EventRequest(_Strict):
     ts: datetime | None = Field(None, description="event time (UTC if naive); default now")
     device: ContextValue | None = None
     session_id: Identifier | None = None
-    price: float | None = Field(None, ge=0, allow_inf_nan=False)
+    price: float | None = Field(None, ge=0, le=MAX_PRICE, allow_inf_nan=False)
 
     @field_validator("ts")
     @classmethod
