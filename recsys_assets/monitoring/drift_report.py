@@ -112,7 +112,7 @@ def _cell(value: Any) -> str:
     if isinstance(value, bool):
         return "yes" if value else "no"
     if isinstance(value, float):
-        return f"{value:.4f}"
+        return f"{value:,.0f}" if value.is_integer() and abs(value) >= 1 else f"{value:.4f}"  # counts
     if isinstance(value, int):
         return f"{value:,}"
     return html.escape(str(value))
@@ -142,7 +142,8 @@ def render_html(summary: DriftSummary, run_id: str, plot: Path | None, evidently
         f"<title>Drift report {html.escape(run_id)}: {html.escape(verdict)}</title>",
         "<style>body{font-family:sans-serif;max-width:1200px;margin:2em auto;color:#222}"
         "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}"
-        "th{background:#f3f3f3}td:first-child{text-align:left}tr.drifted td{background:#fde8e8}"
+        "th{background:#f3f3f3}td:first-child{text-align:left}td:last-child{text-align:left;overflow-wrap:anywhere;max-width:24em}"
+        "tr.drifted td{background:#fde8e8}"
         ".verdict{font-size:1.6em;padding:.2em .6em;border-radius:.3em}.stable{background:#e3f5e1}"
         ".alert{background:#fde8e8}.none{background:#eee}iframe{width:100%;height:1100px;border:1px solid #ccc}"
         "img{max-width:100%}</style></head><body>",
