@@ -33,6 +33,9 @@ SERVED_EVENTS_DIR = "events/served"  # the service's durable event log, merged i
 SERVED_ANSWERS_DIR = "events/answers"  # the service's log of what it recommended (prediction drift)
 DRIFT_REPORTS_DIR = "reports/drift"  # reports/drift/<run id>/ (HTML + summary JSON), read by the sensor
 
+# The BentoML service's name: `bentoml build` tags bentos with it.
+SERVICE_NAME = "recsys_recommender"
+
 # One line of the answer log (JSON lines): what the service answered, to whom, with which model.
 ANSWER_LOG_FIELDS: tuple[str, ...] = ("ts", "user_id", "items", "model_version", "fallback_reason")
 

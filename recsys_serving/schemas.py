@@ -8,7 +8,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, Strict, StringConstraints, field_validator
 
-from recsys_serving.contract import EARLIEST_EVENT_TS
+from recsys_serving.contract import EARLIEST_EVENT_TS, EventType
 
 MAX_K = 100
 MAX_RECENT_ITEMS = 500  # a cap on the request body; the model only reads its latest max_len-1
@@ -89,7 +89,7 @@ class RecommendResponse(BaseModel):
 class EventRequest(_Strict):
     user_id: Identifier
     item_id: Identifier
-    event_type: Literal["view", "cart", "purchase"]
+    event_type: EventType
     ts: datetime | None = Field(None, description="event time (UTC if naive); default now")
     device: ContextValue | None = None
     session_id: Identifier | None = None

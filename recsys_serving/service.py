@@ -22,6 +22,7 @@ from typing import Any
 import bentoml
 from bentoml.exceptions import ServiceUnavailable
 
+from recsys_serving.contract import SERVICE_NAME
 from recsys_serving.metrics import ServiceMetrics
 from recsys_serving.recommender import EventLogUnavailable, Recommender
 from recsys_serving.schemas import EventRequest, EventResponse, RecommendRequest, RecommendResponse
@@ -134,7 +135,7 @@ _SETTINGS = ServingSettings.from_env()
 
 
 @bentoml.service(
-    name="recsys_recommender",
+    name=SERVICE_NAME,
     # Processes per server; their caches stay coherent with /events through invalidation.SharedStamps.
     workers=_SETTINGS.workers,
     traffic={"timeout": 10, "max_concurrency": 512},

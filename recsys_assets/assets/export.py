@@ -32,7 +32,7 @@ from pydantic import Field
 from recsys_assets.assets.evaluation import report_gate_tolerance
 from recsys_assets.config import REPO_ROOT, bundles_dir, models_dir, recsys_home
 from recsys_assets.io_manager import TableRef
-from recsys_serving.contract import FEATURE_VIEW, sequence_length_mismatch
+from recsys_serving.contract import FEATURE_VIEW, SERVICE_NAME, sequence_length_mismatch
 
 GROUP = "export"
 
@@ -411,7 +411,7 @@ def bento(context: AssetExecutionContext, config: BentoConfig, model_bundle: dic
     verify_bundle(bundle_dir)
     home = config.bentoml_home or os.environ.get("BENTOML_HOME") or str(recsys_home() / "bentoml")
     env = {**os.environ, "BENTOML_HOME": home, "BENTOML_DO_NOT_TRACK": "True"}
-    existing = _bento_in_store(f"{BENTO_NAME}:{version.lower()}", env, config.timeout_s)
+    existing = _bento_in_store(f"{SERVICE_NAME}:{version.lower()}", env, config.timeout_s)
     if existing is not None:
         # Bentos are write-once like bundles: a run whose bundle was not promoted keeps the champion's.
         context.log.info(f"bento {existing} of bundle {version} is already built: reusing it")
@@ -433,7 +433,6 @@ def bento(context: AssetExecutionContext, config: BentoConfig, model_bundle: dic
     return _bento_result(context, tag, version, home, built=True)
 
 
-BENTO_NAME = "recsys_recommender"  # the service's name in recsys_serving/service.py
 
 
 def _bento_in_store(tag: str, env: dict[str, str], timeout_s: int) -> str | None:

@@ -11,15 +11,13 @@ import duckdb
 import polars as pl
 from dagster import MetadataValue, TableColumn, TableSchema
 
-from recsys_serving.contract import DRIFT_VERDICTS, RETRAIN_VERDICTS, DriftVerdict  # noqa: F401 (re-exported)
-
 # cleaned_interactions records the repeated-view rule it applied under this key; the feature store
 # applies the same rule to events that serving pushes.
 REPEATED_VIEW_RULE_METADATA = "repeated_view_rule"
 
 # drift_report records its verdict under this key; the drift sensor reads it to decide on a retrain.
 DRIFT_VERDICT_METADATA = "verdict"
-# DriftVerdict, DRIFT_VERDICTS and RETRAIN_VERDICTS (imported above) are defined in the contract.
+# Its values: recsys_serving.contract.DriftVerdict.
 
 
 def figure_markdown(fig: Any, title: str = "") -> MetadataValue:
