@@ -30,14 +30,30 @@ run: venv dagster-home
 	$(BIN)/python -m recsys_assets.automation retrain_job -w workspace.yaml -l recsys
 	$(BIN)/python -m recsys_assets.summary
 
-## The test suite (installs what it needs; redis-server for the Redis online-store tests where apt-get can).
-test: venv system-deps
+## The test suite (installs what it needs; redis-server for the Redis online-store tests and PostgreSQL
+## for the Dagster-on-Postgres test where apt-get can, checkov in .venv-tools).
+test: venv tools system-deps
 	$(BIN)/python -m pytest -q tests
+
+## Tools whose dependencies would change pins of requirements.lock, in their own virtualenv:
+## checkov (static security scan of deploy/, tests/test_deploy_manifests.py).
+CHECKOV_VERSION := 3.3.30
+.PHONY: tools
+tools: .venv-tools/.installed
+
+.venv-tools/.installed: Makefile
+	test -x .venv-tools/bin/python || $(PYTHON) -m venv .venv-tools
+	.venv-tools/bin/pip install --quiet "checkov==$(CHECKOV_VERSION)"
+	touch $@
 
 system-deps:
 	@command -v redis-server >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null) \
 	  || echo "redis-server not installed: the Redis online-store tests will be skipped"; }
+	@{ command -v pg_ctl >/dev/null || ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1; } || \
+	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postgresql >/dev/null) \
+	  || echo "postgresql not installed: the Dagster-on-Postgres test will be skipped"; }
 	@{ command -v promtool && command -v prometheus-pushgateway && command -v amtool; } >/dev/null || \
 	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus prometheus-pushgateway prometheus-alertmanager >/dev/null) \

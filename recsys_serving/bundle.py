@@ -3,6 +3,7 @@
 A bundle is a write-once directory::
 
     manifest.json    format version, model spec, data window, metrics, sha256 of every other file
+    manifest.sig     Ed25519 signature of manifest.json's exact bytes (signed bundles; see below)
     model.onnx       BERT4Rec with masking and top-K inside the graph (see MODEL_INPUTS/OUTPUTS)
     model.plan       TensorRT engine, only where one was built (GPU)
     vocabulary.json  token <-> item id (+ category), context value -> token
@@ -10,20 +11,31 @@ A bundle is a write-once directory::
 
 This module defines the format (the writer in recsys_assets.export.bundle imports it) and reads it
 for serving. It never imports torch or recsys_assets, so the service image stays small.
+
+Signing: the manifest lists every other file's sha256, so a signature over its bytes covers the
+whole bundle; someone who can rewrite the files and the manifest's checksums cannot forge it
+without the private key, which only the build side (the Dagster code location) holds. A reader
+given public keys refuses a bundle that is unsigned or whose signature verifies with none of them.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import math
+import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from recsys_serving.contract import CONTEXT_FIELDS, FIRST_ITEM_TOKEN
+from recsys_serving.contract import CONTEXT_FIELDS, FIRST_ITEM_TOKEN, recsys_home_path
 
 BUNDLE_FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
@@ -31,6 +43,7 @@ MODEL_FILE = "model.onnx"
 PLAN_FILE = "model.plan"
 VOCABULARY_FILE = "vocabulary.json"
 POPULARITY_FILE = "popularity.json"
+SIGNATURE_FILE = "manifest.sig"
 REQUIRED_FILES: tuple[str, ...] = (MODEL_FILE, VOCABULARY_FILE, POPULARITY_FILE)
 
 # The graph interface serving relies on. Context inputs are optional (a model trained without a
@@ -40,14 +53,22 @@ MODEL_CONTEXT_INPUTS: tuple[str, ...] = CONTEXT_FIELDS
 MODEL_INPUTS: tuple[str, ...] = ("tokens", *MODEL_CONTEXT_INPUTS, "exclude")
 MODEL_OUTPUTS: tuple[str, ...] = ("top_scores", "top_tokens", "scores")
 
+# Keys. The private key lives only where bundles are built; serving gets public keys.
+SIGNING_KEY_ENV = "RECSYS_BUNDLE_SIGNING_KEY_FILE"
+PUBLIC_KEYS_ENV = "RECSYS_BUNDLE_PUBLIC_KEY_FILE"
+DEFAULT_SIGNING_KEY = Path("secrets") / "bundle_signing_key"  # under $RECSYS_HOME
+PUBLIC_KEY_SUFFIX = ".pub"  # the public key is written beside the private one, <key file>.pub
+
 
 class BundleRefused(Exception):
-    """The bundle cannot be served; `reason` says why in one line."""
+    """The bundle cannot be served. `reason`: one plain line without paths or exception texts (what
+    responses show); `detail`: the underlying error, for the log only."""
 
-    def __init__(self, path: Path | str, reason: str) -> None:
-        super().__init__(f"bundle {path} refused: {reason}")
+    def __init__(self, path: Path | str, reason: str, detail: str | None = None) -> None:
+        super().__init__(f"bundle {path} refused: {reason}" + (f" ({detail})" if detail else ""))
         self.path = str(path)
         self.reason = reason
+        self.detail = detail
 
 
 class FileEntry(BaseModel):
@@ -88,6 +109,113 @@ class Manifest(BaseModel):
     files: dict[str, FileEntry]
 
 
+class ManifestSignature(BaseModel):
+    """manifest.sig: an Ed25519 signature of manifest.json's exact bytes."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    algorithm: Literal["ed25519"]
+    key_id: str = Field(pattern=r"^[0-9a-f]{16}$", description="key_id_of the signing key's public half")
+    signature: str = Field(description="base64 of the 64-byte signature")
+
+
+@dataclass(frozen=True)
+class PublicKey:
+    key_id: str
+    key: Ed25519PublicKey
+
+
+def key_id_of(key: Ed25519PublicKey) -> str:
+    """A short, stable name of a public key (sha256 of its raw bytes): which key signed a bundle."""
+    raw = key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return hashlib.sha256(raw).hexdigest()[:16]
+
+
+def public_key_pem(key: Ed25519PublicKey) -> bytes:
+    return key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+def sign_manifest(manifest_bytes: bytes, private_key: Ed25519PrivateKey) -> bytes:
+    """The content of manifest.sig for these manifest bytes."""
+    doc = ManifestSignature(
+        algorithm="ed25519",
+        key_id=key_id_of(private_key.public_key()),
+        signature=base64.b64encode(private_key.sign(manifest_bytes)).decode("ascii"),
+    )
+    return (doc.model_dump_json(indent=1) + "\n").encode()
+
+
+def public_key_paths(spec: str | None, home: Path) -> list[Path]:
+    """The public key files to trust. `spec` (RECSYS_BUNDLE_PUBLIC_KEY_FILE): comma-separated files or
+    directories (every *.pub inside), so a new key can be trusted before bundles are signed with it;
+    unset: $RECSYS_HOME/secrets/bundle_signing_key.pub if it exists, else none. A named path that is
+    missing, or a directory without keys, is a ValueError (never a silent "no key")."""
+    if spec is None or not spec.strip():
+        default = home / DEFAULT_SIGNING_KEY.with_name(DEFAULT_SIGNING_KEY.name + PUBLIC_KEY_SUFFIX)
+        return [default] if default.is_file() else []
+    paths: list[Path] = []
+    for part in (p.strip() for p in spec.split(",")):
+        if not part:
+            continue
+        path = Path(part).expanduser()
+        if path.is_dir():
+            found = sorted(p for p in path.glob(f"*{PUBLIC_KEY_SUFFIX}") if p.is_file())
+            if not found:
+                raise ValueError(f"{PUBLIC_KEYS_ENV}: the directory {path} holds no *{PUBLIC_KEY_SUFFIX} key")
+            paths += found
+        elif path.is_file():
+            paths.append(path)
+        else:
+            raise ValueError(f"{PUBLIC_KEYS_ENV}: {path} does not exist")
+    if not paths:
+        raise ValueError(f"{PUBLIC_KEYS_ENV}={spec!r} names no key file")
+    return paths
+
+
+def load_public_keys(paths: Sequence[Path]) -> list[PublicKey]:
+    """PEM (SubjectPublicKeyInfo) Ed25519 public keys; ValueError naming the file that is not one."""
+    keys: list[PublicKey] = []
+    for path in paths:
+        try:
+            key = serialization.load_pem_public_key(Path(path).read_bytes())
+        except (OSError, ValueError, TypeError) as exc:
+            raise ValueError(f"{PUBLIC_KEYS_ENV}: {path} is not a readable PEM public key: {exc}") from exc
+        if not isinstance(key, Ed25519PublicKey):
+            raise ValueError(f"{PUBLIC_KEYS_ENV}: {path} is a {type(key).__name__}, not an Ed25519 public key")
+        keys.append(PublicKey(key_id=key_id_of(key), key=key))
+    return keys
+
+
+def configured_public_keys(environ: Mapping[str, str] | None = None) -> list[PublicKey]:
+    """The keys RECSYS_BUNDLE_PUBLIC_KEY_FILE names (default: $RECSYS_HOME's, if any), for the build
+    side's checks (promotion, rollback, the bento); serving reads the same variable through its settings."""
+    env = os.environ if environ is None else environ
+    return load_public_keys(public_key_paths(env.get(PUBLIC_KEYS_ENV), recsys_home_path()))
+
+
+def verify_signature(path: Path, manifest_bytes: bytes, keys: Sequence[PublicKey]) -> str:
+    """The key_id of the configured key that verifies manifest.sig over `manifest_bytes`; else BundleRefused."""
+    sig_path = path / SIGNATURE_FILE
+    if not sig_path.is_file():
+        raise BundleRefused(path, f"the bundle is not signed ({SIGNATURE_FILE} is missing) and public keys are configured")
+    try:
+        doc = ManifestSignature.model_validate_json(sig_path.read_bytes())
+        signature = base64.b64decode(doc.signature, validate=True)
+    except (OSError, ValidationError, ValueError) as exc:
+        raise BundleRefused(path, f"{SIGNATURE_FILE} is malformed", detail=str(exc)) from exc
+    for key in sorted(keys, key=lambda k: k.key_id != doc.key_id):  # the named key first
+        try:
+            key.key.verify(signature, manifest_bytes)
+        except InvalidSignature:
+            continue
+        return key.key_id
+    raise BundleRefused(
+        path,
+        f"the signature of {MANIFEST_FILE} does not verify with any of the {len(keys)} configured public "
+        f"key(s) (it names key {doc.key_id})",
+    )
+
+
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -96,17 +224,28 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def read_manifest(path: Path) -> Manifest:
-    """Parse and check manifest.json without touching the other files."""
+def read_manifest(path: Path, public_keys: Sequence[PublicKey] | None = None) -> Manifest:
+    """Parse and check manifest.json without touching the other files (and its signature, given keys)."""
+    return _read_manifest(path, public_keys)[0]
+
+
+def _read_manifest(path: Path, public_keys: Sequence[PublicKey] | None) -> tuple[Manifest, str | None]:
+    """-> (manifest, key_id of the key that verified its signature, None when no keys are given).
+    The bytes are read once: the signature covers exactly what is parsed."""
     manifest_path = path / MANIFEST_FILE
     if not path.is_dir():
         raise BundleRefused(path, "not a directory (no bundle promoted yet?)")
     if not manifest_path.is_file():
         raise BundleRefused(path, f"{MANIFEST_FILE} is missing")
     try:
-        raw = json.loads(manifest_path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BundleRefused(path, f"{MANIFEST_FILE} is not valid JSON: {exc}") from exc
+        manifest_bytes = manifest_path.read_bytes()
+    except OSError as exc:
+        raise BundleRefused(path, f"{MANIFEST_FILE} cannot be read", detail=str(exc)) from exc
+    signed_by = verify_signature(path, manifest_bytes, public_keys) if public_keys else None
+    try:
+        raw = json.loads(manifest_bytes)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BundleRefused(path, f"{MANIFEST_FILE} is not valid JSON", detail=str(exc)) from exc
     if not isinstance(raw, dict):
         raise BundleRefused(path, f"{MANIFEST_FILE} is not a JSON object")
     version = raw.get("format_version")
@@ -126,7 +265,7 @@ def read_manifest(path: Path) -> Manifest:
         raise BundleRefused(path, f"model inputs {manifest.model.inputs} not understood (expected {MODEL_INPUTS})")
     if not {"top_scores", "top_tokens"} <= set(manifest.model.outputs):
         raise BundleRefused(path, f"model outputs {manifest.model.outputs} lack top_scores/top_tokens")
-    return manifest
+    return manifest, signed_by
 
 
 def verify_file(path: Path, name: str, entry: FileEntry) -> None:
@@ -142,13 +281,18 @@ def verify_file(path: Path, name: str, entry: FileEntry) -> None:
         raise BundleRefused(path, f"{name} sha256 {actual[:12]}… does not match the manifest ({entry.sha256[:12]}…)")
 
 
-def verify_bundle(path: Path) -> Manifest:
-    """Full check: format, required files, no unlisted file, every checksum."""
-    manifest = read_manifest(path)
+def verify_bundle(path: Path, public_keys: Sequence[PublicKey] | None = None) -> Manifest:
+    """Full check: the signature (when `public_keys` are given), format, required files, no unlisted
+    file, every checksum."""
+    return _verify_bundle(path, public_keys)[0]
+
+
+def _verify_bundle(path: Path, public_keys: Sequence[PublicKey] | None) -> tuple[Manifest, str | None]:
+    manifest, signed_by = _read_manifest(path, public_keys)
     for name in REQUIRED_FILES:
         if name not in manifest.files:
             raise BundleRefused(path, f"{name} is not listed in the manifest")
-    on_disk = {p.name for p in path.iterdir() if p.name != MANIFEST_FILE}
+    on_disk = {p.name for p in path.iterdir() if p.name not in (MANIFEST_FILE, SIGNATURE_FILE)}
     unlisted = sorted(on_disk - set(manifest.files))
     if unlisted:
         raise BundleRefused(path, f"files not in the manifest: {unlisted} (bundles are write-once)")
@@ -156,7 +300,7 @@ def verify_bundle(path: Path) -> Manifest:
         if Path(name).name != name:
             raise BundleRefused(path, f"manifest file name {name!r} is not a plain file name")
         verify_file(path, name, entry)
-    return manifest
+    return manifest, signed_by
 
 
 @dataclass
@@ -226,6 +370,7 @@ class LoadedBundle:
     manifest: Manifest
     vocabulary: Vocabulary
     popularity: Popularity
+    signed_by: str | None = None  # key_id of the public key that verified it; None: not checked
 
     @property
     def version(self) -> str:
@@ -236,7 +381,7 @@ def _read_json(path: Path, name: str) -> Any:
     try:
         return json.loads((path / name).read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BundleRefused(path, f"{name} cannot be read: {exc}") from exc
+        raise BundleRefused(path, f"{name} cannot be read", detail=str(exc)) from exc
 
 
 def read_popularity(path: Path, manifest: Manifest) -> Popularity:
@@ -250,27 +395,35 @@ def read_popularity(path: Path, manifest: Manifest) -> Popularity:
         raise BundleRefused(path, f"{POPULARITY_FILE} is malformed: {exc.errors()[0]['msg']}") from exc
 
 
-def load_bundle(path: Path) -> LoadedBundle:
-    """Verify everything, then read vocabulary and popularity. The ONNX session is the caller's."""
+def load_bundle(path: Path, public_keys: Sequence[PublicKey] | None = None) -> LoadedBundle:
+    """Verify everything (the signature too, given `public_keys`), then read vocabulary and
+    popularity. The ONNX session is the caller's."""
     path = Path(path).resolve()  # pin the version: `current` may be switched while we run
-    manifest = verify_bundle(path)
+    manifest, signed_by = _verify_bundle(path, public_keys)
     try:
         vocabulary = Vocabulary.from_json(_read_json(path, VOCABULARY_FILE))
     except (KeyError, TypeError, ValueError) as exc:
-        raise BundleRefused(path, f"{VOCABULARY_FILE} is malformed: {exc}") from exc
+        raise BundleRefused(path, f"{VOCABULARY_FILE} is malformed", detail=f"{type(exc).__name__}: {exc}") from exc
     if vocabulary.vocab_size != manifest.model.vocab_size:
         raise BundleRefused(
             path, f"vocabulary has {vocabulary.vocab_size} tokens, the model {manifest.model.vocab_size}"
         )
     popularity = read_popularity(path, manifest)
-    return LoadedBundle(path=path, manifest=manifest, vocabulary=vocabulary, popularity=popularity)
+    return LoadedBundle(
+        path=path, manifest=manifest, vocabulary=vocabulary, popularity=popularity, signed_by=signed_by
+    )
 
 
-def salvage_popularity(path: Path) -> Popularity | None:
-    """For a refused bundle: its popularity list if that one file still verifies, else None."""
+def salvage_popularity(path: Path, public_keys: Sequence[PublicKey] | None = None) -> Popularity | None:
+    """For a refused bundle: its popularity list if that one file still verifies, else None. Given
+    `public_keys`, only under a manifest whose signature verifies (an unsigned or forged manifest's
+    checksum proves nothing)."""
     try:
         path = Path(path).resolve()
-        raw = json.loads((path / MANIFEST_FILE).read_text())
+        manifest_bytes = (path / MANIFEST_FILE).read_bytes()
+        if public_keys:
+            verify_signature(path, manifest_bytes, public_keys)
+        raw = json.loads(manifest_bytes)
         entry = FileEntry.model_validate(raw["files"][POPULARITY_FILE])
         verify_file(path, POPULARITY_FILE, entry)
         return Popularity.model_validate(_read_json(path, POPULARITY_FILE))

@@ -7,10 +7,10 @@ feature_repo/user_sequences.py.
 - `get_user_sequence(user_id)` reads the online store: a `UserSequence`, or None for a user the store
   does not know (cold start). Any failure of the store itself raises `FeatureStoreUnavailable`, which
   serving turns into a fallback with a reason instead of an error response.
-- `push_event(...)` appends one event to the user's latest sequence (truncated to `max_len`) and writes
-  it through the push source with PushMode.ONLINE, so the next read sees it without a batch job. Online
-  only: the offline truth is rebuilt from cleaned_interactions by the retrain job, and Feast's file
-  offline store would rewrite the whole Parquet source on every event.
+- `push_events(events)` appends events to their users' latest sequences (truncated to `max_len`)
+  with one online read and one online write per batch, so the next read sees them without a batch
+  job (`push_event` for one). Online only: the offline truth is rebuilt from cleaned_interactions by
+  the retrain job, and Feast's file offline store would rewrite the whole Parquet source on every event.
 
 Store selection: `online_store="sqlite"` (feature_store.yaml, default) or `"redis"`
 (feature_store.redis.yaml), or the environment variable RECSYS_FEAST_ONLINE_STORE.
@@ -30,9 +30,8 @@ import zlib
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any, Iterator, Literal, Sequence
+from typing import Any, Iterator, Literal, Mapping, Sequence
 
-import pandas as pd
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -42,11 +41,9 @@ from recsys_serving.contract import (
     FEATURE_FIELDS,
     FEATURE_VIEW,
     MAX_LEN_TAG,
-    PUSH_SOURCE,
     RECSYS_HOME_ENV,
     REPEATED_VIEW_WINDOW_TAG,
     SEQUENCE_FIELDS,
-    TIMESTAMP_FIELD,
     EventType,
     recsys_home_path,
     RepeatedViewRule,
@@ -252,12 +249,41 @@ class FeatureStoreClient:
             threading.RLock() if self._store.config.online_store.type == "sqlite" else None
         )
         self._user_locks = [threading.Lock() for _ in range(_STRIPES)]
+        self._written_view: tuple[Any, dict[str, Any]] | None = None
         if self._store.config.online_store.type == "redis":
             _fail_fast_redis(self._store)
 
     @property
     def store(self) -> Any:
         return self._store
+
+    def for_writes(self) -> "FeatureStoreClient":
+        """A client for a writer thread: its own online-store connection, so writes never wait on or
+        hold up this client's reads, over the same registry object (Feast's request-resolution cache is
+        global and keyed by the registry: two registries would evict each other on every call; internal
+        API of feast 0.67). A SQLite online store is switched to WAL, in which readers do not wait for a
+        writer's commit, and the writer's commits are not fsync-ed (the event log is)."""
+        store = load_feature_store(self.repo_path, self.online_store)
+        store._registry = self._store.registry
+        if self._store.config.online_store.type == "sqlite":
+            with self._guard("switch the online store to WAL"):
+                with contextlib.closing(sqlite3.connect(self._sqlite_path(), timeout=30)) as conn:
+                    conn.execute("PRAGMA journal_mode=WAL")
+                # No fsync per commit on this connection (the event log is the durable copy, and the
+                # next materialization rebuilds what a power cut took; WAL keeps the file consistent).
+                online = store._get_provider().online_store
+                online._get_conn(store.config).execute("PRAGMA synchronous=NORMAL")
+        return FeatureStoreClient(
+            self.repo_path,
+            online_store=self.online_store,
+            max_len=self._max_len,
+            repeated_view_rule=self._repeated_view_rule,
+            store=store,
+        )
+
+    def _sqlite_path(self) -> Path:
+        path = Path(self._store.config.online_store.path)
+        return path if path.is_absolute() else self.repo_path / path
 
     @property
     def max_len(self) -> int:
@@ -308,32 +334,79 @@ class FeatureStoreClient:
         ts: datetime | str | int | float,
         device: str | None = None,
     ) -> UserSequence:
-        """Append one event to the user's latest sequence and push it online; returns the new sequence.
-
-        Events are appended in arrival order. The record's version (`last_event_ts_us`, also the
-        Feast event timestamp) strictly increases: an event at or before the stored one is stamped one
-        microsecond after it, because Redis drops a write whose timestamp is not newer than the stored one.
-        A view of the item viewed just before (`repeated_view_rule`, the cleaning stage's rule) leaves the
-        sequence as it is, as cleaning quarantines such views (`repeated_view`) from the training data.
-        """
+        """Append one event to the user's latest sequence and write it online; returns the new sequence."""
         try:
             event = PushedEvent.model_validate(
                 {"user_id": user_id, "item_id": item_id, "event_type": event_type, "ts": ts, "device": device}
             )
         except ValidationError as exc:
             raise ValueError(f"invalid event for push_event: {exc}") from exc
-        max_len = self.max_len
-        with self._user_lock(event.user_id):
-            current = self.get_user_sequence(event.user_id)
-            if current is not None and self._is_repeated_view(current, event):
-                return current
-            updated = _append(current, event, max_len)
-            frame = _push_frame([updated])
-            with self._guard("push to the online store"):
-                from feast.data_source import PushMode
+        return self.push_events([event])[0]
 
-                self._store.push(PUSH_SOURCE, frame, to=PushMode.ONLINE)
-        return updated
+    def push_events(
+        self, events: Sequence[PushedEvent], current: Mapping[str, UserSequence | None] | None = None
+    ) -> list[UserSequence]:
+        """Append events (in the given order) to their users' sequences: one online read (skipped for the
+        users in `current`, sequences the caller has just read) and one online write for the whole batch.
+        Returns, per event, the user's sequence after it.
+
+        The record's version (`last_event_ts_us`, also the Feast event timestamp) strictly increases: an
+        event at or before the stored one is stamped one microsecond after it, because Redis drops a write
+        whose timestamp is not newer than the stored one. A view of the item viewed just before
+        (`repeated_view_rule`, the cleaning stage's rule) leaves the sequence as it is, as cleaning
+        quarantines such views (`repeated_view`) from the training data.
+        """
+        if not events:
+            return []
+        max_len = self.max_len
+        users = list(dict.fromkeys(e.user_id for e in events))
+        stripes = sorted({self._stripe(u) for u in users})  # a fixed order: no deadlock between callers
+        with contextlib.ExitStack() as held:
+            for stripe in stripes:
+                held.enter_context(self._user_locks[stripe])
+            known = dict(current or {})
+            missing = [u for u in users if u not in known]
+            known.update(zip(missing, self.get_user_sequences(missing)))
+            results: list[UserSequence] = []
+            changed: dict[str, UserSequence] = {}
+            for event in events:
+                sequence = known[event.user_id]
+                if sequence is None or not self._is_repeated_view(sequence, event):
+                    sequence = changed[event.user_id] = known[event.user_id] = _append(sequence, event, max_len)
+                results.append(sequence)
+            if changed:
+                self._write(list(changed.values()))
+        return results
+
+    def _write(self, sequences: Sequence[UserSequence]) -> None:
+        """One online write of whole records, through the online store's own `online_write_batch`.
+
+        Not `FeatureStore.push`: its DataFrame -> Arrow -> proto conversion costs milliseconds of CPU
+        (holding the GIL) per call; the protos are built here directly (internal API of feast 0.67, the
+        interface every online store implements).
+        """
+        from feast.protos.feast.types.EntityKey_pb2 import EntityKey as EntityKeyProto
+        from feast.protos.feast.types.Value_pb2 import Value as ValueProto
+        from feast.type_map import python_values_to_proto_values
+
+        with self._guard("write to the online store"):
+            if self._written_view is None:  # fixed for the life of the process, as max_len is
+                view = self._store.get_feature_view(FEATURE_VIEW, allow_registry_cache=True)
+                self._written_view = (view, {f.name: f.dtype.to_value_type() for f in view.features})
+            view, types = self._written_view
+            created = datetime.now(timezone.utc)
+            rows = []
+            for s in sequences:
+                values = {
+                    "item_ids": s.item_ids, "event_types": s.event_types, "tod": s.tod, "devices": s.devices,
+                    "last_event_ts_us": s.last_event_ts_us, "segment": s.segment,
+                }
+                protos = {
+                    name: python_values_to_proto_values([value], types[name])[0] for name, value in values.items()
+                }
+                key = EntityKeyProto(join_keys=[ENTITY_KEY], entity_values=[ValueProto(string_val=s.user_id)])
+                rows.append((key, protos, from_epoch_us(s.last_event_ts_us or 0), created))
+            self._store._get_provider().online_write_batch(self._store.config, view, rows, progress=None)
 
     # -- internals -----------------------------------------------------------------------------
 
@@ -343,8 +416,9 @@ class FeatureStoreClient:
             event.item_id, event.event_type, event.ts,
         )
 
-    def _user_lock(self, user_id: str) -> threading.Lock:
-        return self._user_locks[zlib.crc32(user_id.encode()) % _STRIPES]
+    @staticmethod
+    def _stripe(user_id: str) -> int:
+        return zlib.crc32(user_id.encode()) % _STRIPES
 
     @contextlib.contextmanager
     def _guard(self, action: str) -> Iterator[None]:
@@ -436,20 +510,3 @@ def _append(current: UserSequence | None, event: PushedEvent, max_len: int) -> U
         segment=base.segment,
         last_event_ts_us=us,
     )
-
-
-def _push_frame(sequences: Sequence[UserSequence]) -> pd.DataFrame:
-    """Rows in the schema of the push source (= the batch source's columns)."""
-    return pd.DataFrame(
-        {
-            ENTITY_KEY: [s.user_id for s in sequences],
-            TIMESTAMP_FIELD: pd.to_datetime([s.last_event_ts_us for s in sequences], unit="us", utc=True),
-            "item_ids": [s.item_ids for s in sequences],
-            "event_types": [s.event_types for s in sequences],
-            "tod": [s.tod for s in sequences],
-            "devices": [s.devices for s in sequences],
-            "last_event_ts_us": [s.last_event_ts_us for s in sequences],
-            "segment": [s.segment for s in sequences],
-        }
-    )
-

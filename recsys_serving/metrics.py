@@ -12,14 +12,18 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-from recsys_serving.schemas import FallbackReason
+from recsys_serving.schemas import DEPENDENCIES, FallbackReason
 
 FALLBACK_REASONS = tuple(r.value for r in FallbackReason)
 OUTCOMES = {
     "recommend": ("model", "fallback", "cache", "rejected", "error"),
-    "events": ("accepted", "accepted_log_only", "rejected", "error"),
+    "events": ("accepted", "accepted_log_only", "duplicate", "rejected", "error"),
 }
 SWITCH_OUTCOMES = ("switched", "refused")
+# The HTTP edge (service.ApiGuard): requests answered before the application, by endpoint (unknown
+# paths are "other", never the path itself) and reason; requests whose client went away.
+_API_REFUSALS = ("unauthenticated", "forbidden", "rate_limited", "overloaded", "body_too_large", "unsupported_media_type")
+REFUSALS = {"recommend": _API_REFUSALS, "events": _API_REFUSALS, "other": ("not_found",)}
 ANSWER_LOG_DROP_REASONS = ("queue_full", "write_error")
 LATENCY_BUCKETS = (0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.07, 0.1, 0.25, 0.5, 1.0, 2.5)
 
@@ -94,14 +98,44 @@ class ServiceMetrics:
         self.degraded = prom.Gauge(
             "recsys_degraded", "1 when the service runs on its fallback only", multiprocess_mode="max", **kw
         )
+        # livemin: a dependency reads up only while every live worker sees it up.
+        self.dependency_up = prom.Gauge(
+            "recsys_dependency_up",
+            "1 while a dependency works (model: a bundle serves; online_store: the latest probe read "
+            "answered in time; event_log: writable, last append succeeded), else 0",
+            ["dependency"],
+            multiprocess_mode="livemin",
+            **kw,
+        )
         self.events_logged = prom.Counter("recsys_events_logged_total", "Events appended to the durable log", **kw)
+        self.refused = prom.Counter(
+            "recsys_requests_refused_total",
+            "Requests the HTTP edge answered itself, by endpoint (recommend, events, other = an unknown path) "
+            "and reason (unauthenticated, forbidden, rate_limited, overloaded, body_too_large, "
+            "unsupported_media_type, not_found)",
+            ["endpoint", "reason"],
+            **kw,
+        )
+        self.cancelled = prom.Counter(
+            "recsys_requests_cancelled_total",
+            "API requests whose client disconnected before the answer; their handler was cancelled",
+            ["endpoint"],
+            **kw,
+        )
         # Series that exist from the start read 0 instead of missing (dashboards, rate()).
         for reason in FALLBACK_REASONS:
             self.fallbacks.labels(reason=reason)
         for outcome in SWITCH_OUTCOMES:
             self.model_switches.labels(outcome=outcome)
+        for dependency in DEPENDENCIES:
+            self.dependency_up.labels(dependency=dependency)
         for reason in ANSWER_LOG_DROP_REASONS:
             self.answer_log_dropped.labels(reason=reason)
+        for endpoint, reasons in REFUSALS.items():
+            for reason in reasons:
+                self.refused.labels(endpoint=endpoint, reason=reason)
+        for endpoint in OUTCOMES:
+            self.cancelled.labels(endpoint=endpoint)
         for endpoint, outcomes in OUTCOMES.items():
             self.latency.labels(endpoint=endpoint)
             for outcome in outcomes:

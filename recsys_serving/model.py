@@ -145,7 +145,7 @@ class OnnxRanker:
                 str(bundle.path / "model.onnx"), options, providers=_providers(use_gpu, cache_dir / bundle.version)
             )
         except Exception as exc:  # ORT raises its own exception types (Fail, InvalidGraph, ...)
-            raise BundleRefused(bundle.path, f"ONNX Runtime cannot load model.onnx: {exc}") from exc
+            raise BundleRefused(bundle.path, "ONNX Runtime cannot load model.onnx", detail=str(exc)) from exc
         self.providers = self.session.get_providers()
         self.input_names = [i.name for i in self.session.get_inputs()]
         output_names = [o.name for o in self.session.get_outputs()]
@@ -173,7 +173,7 @@ class OnnxRanker:
                 scores, tokens = self.rank(encoded.feeds)
                 timings.append(time.perf_counter() - started)
         except Exception as exc:
-            raise BundleRefused(self.path, f"warm-up inference failed: {exc}") from exc
+            raise BundleRefused(self.path, "warm-up inference failed", detail=f"{type(exc).__name__}: {exc}") from exc
         self.inference_ms = 1000 * min(timings)
         if tokens.shape != (self.top_k,) or not np.isfinite(scores[:1]).all():
             raise BundleRefused(self.path, f"warm-up returned shape {tokens.shape}, expected ({self.top_k},)")

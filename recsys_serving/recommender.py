@@ -6,36 +6,43 @@ failure to log an event durably is an error (the client must retry, nothing is s
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import threading
 import time
+import uuid
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Literal, Mapping
 
 import anyio
 import anyio.to_thread
 import onnxruntime as ort
-from cachetools import TTLCache
-
+from recsys_serving.answer_cache import UNKNOWN_VALUE, Answer, AnswerCache
 from recsys_serving.answer_log import AnswerLog
 from recsys_serving.bundle import (
+    PUBLIC_KEYS_ENV,
     BundleRefused,
     LoadedBundle,
     Popularity,
+    PublicKey,
     Vocabulary,
     load_bundle,
+    load_public_keys,
     salvage_popularity,
 )
 from recsys_serving.event_log import EventLog, canonical_record
+from recsys_serving.event_writer import EventReceipt, EventWriter, PendingEvent
 from recsys_serving.feature_client import (
     FeatureStoreClient,
     FeatureStoreUnavailable,
+    PushedEvent,
     UserSequence,
     resolve_online_store,
 )
+from recsys_serving.health import DependencyProbe, dependency
 from recsys_serving.invalidation import SharedStamps
 from recsys_serving.metrics import ServiceMetrics
 from recsys_serving.contract import CURRENT_BUNDLE, FIRST_ITEM_TOKEN, time_of_day_token_of
@@ -43,14 +50,15 @@ from recsys_serving.model import History, OnnxRanker, MaskContext, encode
 from recsys_serving.schemas import (
     MAX_K,
     MODEL_REASON,
+    EventOutcome,
     EventRequest,
     EventResponse,
+    DependencyHealth,
     FallbackReason,
     Health,
     RecommendRequest,
     RefusedBundle,
     RecommendResponse,
-    ScoredItem,
 )
 from recsys_serving.settings import ServingSettings
 
@@ -59,35 +67,11 @@ logger = logging.getLogger("recsys_serving")
 # Reasons whose answer describes the user's state (cacheable); the others are transient outages.
 CACHEABLE_REASONS = {MODEL_REASON, FallbackReason.UNKNOWN_USER.value, FallbackReason.COLD_START.value}
 FEATURE_CLIENT_RETRY_S = 5.0
+# The first store read at start opens Feast and reads its registry, far longer than a request's budget.
+STARTUP_PROBE_TIMEOUT_S = 30.0
 # execution=auto runs inference inline only below this (warm-up) time: a longer run on the event loop
 # holds up every other request of the worker, invisibly to the model budget (they wait in the socket).
 INLINE_MAX_INFERENCE_MS = 5.0
-
-
-class EventLogUnavailable(RuntimeError):
-    """The durable event log cannot be written; the event is not accepted (HTTP 503)."""
-
-
-@dataclass(frozen=True)
-class Answer:
-    """A full ranked list (up to MAX_K items), sliced to k per request; what the cache holds."""
-
-    items: tuple[tuple[str, float], ...]
-    model_version: str | None
-    reason: str
-
-    @property
-    def fallback(self) -> bool:
-        return self.reason != MODEL_REASON
-
-    def response(self, k: int, cached: bool) -> RecommendResponse:
-        return RecommendResponse(
-            items=[ScoredItem(item_id=i, score=s) for i, s in self.items[:k]],
-            model_version=self.model_version,
-            fallback=self.fallback,
-            reason=self.reason,
-            cached=cached,
-        )
 
 
 @dataclass(frozen=True)
@@ -110,6 +94,15 @@ class ServingState:
     @property
     def vocabulary(self) -> Vocabulary | None:
         return self.bundle.vocabulary if self.bundle is not None else None
+
+
+def _writable_or_creatable(directory: Path) -> bool:
+    """The event log's directory is writable, or (created on the first write) its nearest existing
+    ancestor is."""
+    path = directory
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path.is_dir() and os.access(path, os.W_OK | os.X_OK)
 
 
 def _created_timestamp(bundle: LoadedBundle) -> float:
@@ -139,13 +132,20 @@ class Recommender:
         self.follows_current = self.bundle_path.is_symlink() or (
             settings.bundle_path is None and self.bundle_path.name == CURRENT_BUNDLE
         )
-        # cachetools caches are not thread-safe; answers are read and written under one lock.
-        # Value: (invalidation stamp when computed, {request variant: answer}). The variant includes
-        # the model version, so an answer computed by the old bundle is never served after a switch.
-        self._cache: TTLCache[str, tuple[int, dict[tuple[object, ...], Answer]]] = TTLCache(
-            maxsize=settings.cache_size, ttl=settings.cache_ttl_s
-        )
-        self._cache_lock = threading.Lock()
+        # Public keys bundle signatures must verify with, read again at every load (a key added to the
+        # configured directory is trusted without a restart). Unreadable at start: the service stops
+        # with the reason; once keys were seen, a load without any is refused, never unchecked.
+        self._signatures_required = False
+        if not self._public_keys(None):
+            logger.warning(
+                "no public key configured (%s, default $RECSYS_HOME/secrets/bundle_signing_key.pub): bundle "
+                "signatures are not checked", PUBLIC_KEYS_ENV,
+            )
+        # Shared by the worker processes of this host: an event on any worker invalidates everywhere.
+        self._stamps = SharedStamps(settings.home.expanduser() / "cache" / "invalidation.u32")
+        # Keyed by (user, variant); the variant includes the model version, so an answer computed by
+        # the old bundle is never served after a switch.
+        self._cache = AnswerCache(settings.cache_max_bytes, settings.cache_ttl_s, self._stamps)
         self.last_refused: RefusedBundle | None = None
         self._reload_lock = threading.Lock()
         self._state: ServingState | None = None
@@ -164,13 +164,17 @@ class Recommender:
         self._feature_client_retry_at = 0.0
         self._feature_client_lock = threading.Lock()
 
-        # Shared by the worker processes of this host: an event on any worker invalidates everywhere.
-        self._stamps = SharedStamps(settings.home.expanduser() / "cache" / "invalidation.u32")
         # Worker-thread slots (created in the event loop on first use). Few threads: dozens of threads
         # queueing on the GIL and the store's lock cost more than queueing in the loop.
         self._model_limiter: anyio.CapacityLimiter | None = None
         self._feature_limiter: anyio.CapacityLimiter | None = None
-        self.event_log = EventLog(settings.resolved_event_log_dir())
+        self.event_log = EventLog(
+            settings.resolved_event_log_dir(), id_retention=timedelta(days=settings.event_id_retention_days)
+        )
+        self._writer_client: FeatureStoreClient | None = None
+        self.events = EventWriter(
+            self.event_log, self._feature_writer, self._invalidate_users, max_queue=settings.events_max_queue
+        )
         self.answer_log = (
             AnswerLog(
                 settings.resolved_answer_log_dir(),
@@ -182,10 +186,18 @@ class Recommender:
             if settings.answer_log
             else None
         )
+        try:
+            self._store_kind: str = resolve_online_store()
+        except ValueError:  # an unknown kind: the client factory reports it
+            self._store_kind = "configured"
+        self._store_probe = DependencyProbe("online_store", self._check_online_store, settings.feature_timeout_ms / 1000)
+        self._event_log_dir_ok = True
         self._warm_up_feature_store()
 
         # Each worker process runs its own watcher (the state is per process).
         self._stop = threading.Event()
+        self._health_thread = threading.Thread(target=self._probe_dependencies, name="recsys-health", daemon=True)
+        self._health_thread.start()
         self._watcher: threading.Thread | None = None
         if self.follows_current and settings.reload_interval_s > 0:
             self._watcher = threading.Thread(target=self._watch, name="recsys-bundle-watcher", daemon=True)
@@ -245,7 +257,7 @@ class Recommender:
         """Verify (every checksum), open and warm up a bundle; BundleRefused says why it cannot serve."""
         started = time.perf_counter()
         try:
-            bundle = load_bundle(path)
+            bundle = load_bundle(path, public_keys=self._public_keys(path))
             ranker = OnnxRanker(
                 bundle,
                 intra_threads=self.settings.ort_intra_threads,
@@ -256,14 +268,15 @@ class Recommender:
             raise
         except Exception as exc:  # an unreadable file, memory: refused like a bad bundle, never a crash
             logger.exception("loading bundle %s failed", path)
-            raise BundleRefused(path, f"{type(exc).__name__}: {exc}") from exc
+            raise BundleRefused(path, "the bundle could not be loaded (an unexpected error)", detail=f"{type(exc).__name__}: {exc}") from exc
         logger.info(
-            "bundle %s loaded from %s in %.2fs (providers %s, %d items)",
+            "bundle %s loaded from %s in %.2fs (providers %s, %d items, %s)",
             bundle.version,
             bundle.path,
             time.perf_counter() - started,
             ranker.providers,
             len(bundle.vocabulary.items),
+            f"signature verified with key {bundle.signed_by}" if bundle.signed_by else "signature not checked",
         )
         return ServingState(
             bundle=bundle,
@@ -280,8 +293,13 @@ class Recommender:
             return self._load(target or self.bundle_path)
         except BundleRefused as exc:
             if target is not None:  # a bundle is there but cannot serve (nothing there is no refusal)
-                self._refuse(target, exc.reason)
-            popularity = salvage_popularity(target or self.bundle_path)
+                self._refuse(target, exc)
+            try:
+                keys = self._public_keys(target or self.bundle_path)
+            except BundleRefused:
+                popularity = None  # no trusted key to check the manifest with: nothing is salvaged
+            else:
+                popularity = salvage_popularity(target or self.bundle_path, public_keys=keys)
             logger.error(
                 "serving the popularity fallback only (%s); fallback list %s",
                 exc,
@@ -297,20 +315,31 @@ class Recommender:
                 degraded_reason=exc.reason,
             )
 
-    def _refuse(self, path: Path, reason: str) -> None:
-        self.last_refused = RefusedBundle(
-            version=path.name, path=str(path), reason=reason, at=datetime.now(timezone.utc)
-        )
+    def _public_keys(self, path: Path | None) -> list[PublicKey]:
+        """The configured public keys, read now. `path`: the bundle being loaded (a read failure
+        refuses it); None at start, where a failure stops the service (ValueError)."""
+        try:
+            keys = load_public_keys(self.settings.resolved_public_key_files())
+        except ValueError as exc:
+            if path is None:
+                raise
+            raise BundleRefused(path, "the configured public keys cannot be read", detail=str(exc)) from exc
+        if not keys and self._signatures_required and path is not None:
+            raise BundleRefused(path, "public keys were configured but none can be found now")
+        self._signatures_required = self._signatures_required or bool(keys)
+        return keys
+
+    def _refuse(self, path: Path, exc: BundleRefused) -> None:
+        self.last_refused = RefusedBundle(version=path.name, reason=exc.reason, at=datetime.now(timezone.utc))
         self.metrics.model_switches.labels(outcome="refused").inc()
         serving = self._state.version if self._state is not None else None
-        logger.error("bundle %s refused, %s keeps serving: %s", path, serving or "nothing", reason)
+        logger.error("bundle %s refused, %s keeps serving: %s", path, serving or "nothing", exc)
 
     def _install(self, state: ServingState) -> None:
         """The switch: one reference assignment; then the cache and the metrics follow."""
         old, self._state = self._state, state
         if old is not None:
-            with self._cache_lock:
-                self._cache.clear()  # memory only: the version in the cache key already keeps them apart
+            self._cache.clear()  # memory only: the version in the cache key already keeps them apart
         info = self.metrics.model_info
         labels = (state.version or "none", state.ranker.providers[0] if state.ranker else "none")
         info.labels(*labels).set(1)
@@ -320,6 +349,7 @@ class Recommender:
                 # 0, not remove(): in multiprocess mode a removed series stays in this worker's file
                 info.labels(*old_labels).set(0)
         self.metrics.degraded.set(0 if state.ranker is not None else 1)
+        self.metrics.dependency_up.labels(dependency="model").set(1 if state.ranker is not None else 0)
         self.metrics.model_created.set(_created_timestamp(state.bundle) if state.bundle is not None else 0)
         if state.loaded_at is not None:
             self.metrics.model_loaded.set(state.loaded_at.timestamp())
@@ -343,7 +373,7 @@ class Recommender:
             try:
                 state = self._load(target)
             except BundleRefused as exc:
-                self._refuse(target, exc.reason)
+                self._refuse(target, exc)
                 return False
             self._install(state)
             return True
@@ -358,20 +388,83 @@ class Recommender:
                 logger.exception("checking %s for a new bundle failed", self.bundle_path)
 
     def health(self) -> Health:
+        """Status from what is known now; never waits on a dependency (the store is probed by the
+        health thread, every RECSYS_HEALTH_PROBE_INTERVAL_S)."""
         state = self.state
-        degraded = state.ranker is None
+        dependencies = self._dependencies(state)
+        down = {name: dep for name, dep in dependencies.items() if dep.status != "ok"}
+        status: Literal["ok", "degraded", "unavailable"]
+        if state.ranker is None and state.popularity is None:
+            status = "unavailable"
+        else:
+            status = "degraded" if down else "ok"
+        reasons = [
+            (state.degraded_reason or dep.detail) if name == "model" else f"{name}: {dep.detail}"
+            for name, dep in down.items()
+        ]
+        signed_by = state.bundle.signed_by if state.bundle is not None else None
         return Health(
-            status="degraded" if degraded else "ok",
-            degraded=degraded,
-            reason=state.degraded_reason,
+            status=status,
+            degraded=status != "ok",
+            reason="; ".join(reasons) or None,
+            dependencies=dependencies,
             model_version=state.version,
-            bundle_path=str(state.source),
+            signed=signed_by is not None,
+            signing_key=signed_by,
             providers=state.ranker.providers if state.ranker else [],
-            cache={"entries": float(len(self._cache)), "hit_ratio": round(self.metrics.cache_ratio(), 4)},
+            cache={**self._cache.stats(), "hit_ratio": round(self.metrics.cache_ratio(), 4)},
             loaded_at=state.loaded_at,
             follows_current=self._watcher is not None,
             last_refused=self.last_refused,
         )
+
+    def _dependencies(self, state: ServingState) -> dict[str, DependencyHealth]:
+        return {
+            "model": self._model_health(state),
+            "online_store": self._store_probe.latest,
+            "event_log": self._event_log_health(),
+        }
+
+    @staticmethod
+    def _model_health(state: ServingState) -> DependencyHealth:
+        if state.ranker is not None:
+            return dependency(True, f"bundle {state.version} serving", state.loaded_at)
+        if state.popularity is not None:
+            return dependency(False, "no usable bundle: answers come from the popularity fallback")
+        return dependency(False, "no usable bundle and no popularity list: answers are empty")
+
+    def _event_log_health(self) -> DependencyHealth:
+        if self.event_log_error is not None:
+            return dependency(False, "the last append to the event log failed: events are refused")
+        if not self._event_log_dir_ok:
+            return dependency(False, "the event log directory is missing or not writable")
+        return dependency(True, "writable")
+
+    def _check_online_store(self) -> tuple[bool, str, str | None]:
+        """The store probe (a DependencyProbe check): one read of a key no user has."""
+        try:
+            client = self._client()
+        except FeatureStoreUnavailable as exc:
+            return False, "not configured: the feature repository or its registry cannot be loaded", str(exc)
+        try:
+            client.check()
+        except FeatureStoreUnavailable as exc:
+            return False, f"the {self._store_kind} online store does not answer", str(exc)
+        return True, f"the {self._store_kind} online store answers", None
+
+    def _probe_dependencies(self) -> None:
+        """The health thread: probes, then publishes recsys_dependency_up, once per interval."""
+        while not self._stop.wait(self.settings.health_probe_interval_s):
+            try:
+                self._probe_once()
+            except Exception:  # noqa: BLE001 - the health thread must keep running whatever one probe raised
+                logger.exception("probing the dependencies failed")
+
+    def _probe_once(self, timeout_s: float | None = None) -> None:
+        self._store_probe.probe(timeout_s)
+        self._event_log_dir_ok = _writable_or_creatable(self.event_log.directory)
+        for name, dep in self._dependencies(self.state).items():
+            self.metrics.dependency_up.labels(dependency=name).set(1 if dep.status == "ok" else 0)
 
     # -- feature store ---------------------------------------------------------------------------
 
@@ -390,11 +483,12 @@ class Recommender:
             return self._feature_client
 
     def _warm_up_feature_store(self) -> None:
-        """Open the store and read once at start-up, so the first request does not pay for it."""
-        try:
-            self._client().check()
-        except FeatureStoreUnavailable as exc:
-            logger.warning("feature store unavailable at start-up (requests fall back until it is back): %s", exc)
+        """Open the store and read once at start-up (the first probe, with the start-up budget: the
+        first read loads Feast and its registry), so the first request does not pay for it and
+        health is known from the start."""
+        self._probe_once(STARTUP_PROBE_TIMEOUT_S)
+        if self._store_probe.latest.status != "ok":
+            logger.warning("feature store unavailable at start-up: requests fall back until it is back")
 
     async def _user_sequence(self, state: ServingState, user_id: str) -> UserSequence | None:
         """Raises FeatureStoreUnavailable on an outage or (thread execution) when the lookup exceeds
@@ -420,30 +514,33 @@ class Recommender:
 
     def _cache_get(self, user_id: str, variant: tuple[object, ...]) -> tuple[Answer | None, int]:
         """(cached answer or None, the user's current stamp to store a new answer under)."""
-        stamp = self._stamps.get(user_id)
-        with self._cache_lock:
-            entry = self._cache.get(user_id)
-            if entry is None:
-                return None, stamp
-            if entry[0] != stamp:  # an event since (possibly on another worker): stale
-                self._cache.pop(user_id, None)
-                return None, stamp
-            return entry[1].get(variant), stamp
+        return self._cache.get(user_id, variant)
 
-    def _cache_put(self, user_id: str, variant: tuple[object, ...], answer: Answer, stamp: int) -> None:
-        with self._cache_lock:
-            if self._stamps.get(user_id) != stamp:
-                return  # an event arrived while this answer was computed: it is already stale
-            entry = self._cache.get(user_id)
-            if entry is None or entry[0] != stamp:
-                entry = (stamp, {})
-                self._cache[user_id] = entry
-            entry[1][variant] = answer
+    def _cache_put(
+        self, user_id: str, variant: tuple[object, ...], answer: Answer, stamp: int, shared: bool = False
+    ) -> None:
+        self._cache.put(user_id, variant, answer, stamp, shared=shared)
 
     def invalidate(self, user_id: str) -> None:
-        with self._cache_lock:
-            self._stamps.bump(user_id)
-            self._cache.pop(user_id, None)
+        self._cache.invalidate(user_id)
+
+    @staticmethod
+    def _variant(state: ServingState, device: str | None, segment: str | None, tod: int) -> tuple[object, ...]:
+        """The cache variant of a request. A device or segment that neither the model's vocabulary nor
+        the popularity lists know gives the same answer as any other such value (encode maps them to
+        the unknown token, Popularity.choose skips them), so they share one variant instead of each
+        random string making its own."""
+        vocabulary, popularity = state.vocabulary, state.popularity
+
+        def known(value: str | None, in_model: Mapping[str, int], in_lists: Mapping[str, object]) -> object:
+            return value if value is None or value in in_model or value in in_lists else UNKNOWN_VALUE
+
+        return (
+            state.version,
+            known(device, vocabulary.devices if vocabulary else {}, popularity.by_device if popularity else {}),
+            known(segment, vocabulary.segments if vocabulary else {}, popularity.by_segment if popularity else {}),
+            tod,
+        )
 
     # -- recommend ---------------------------------------------------------------------------------
 
@@ -465,7 +562,7 @@ class Recommender:
                             break
                 if len(items) == MAX_K:
                     break
-        return Answer(items=tuple(items), model_version=state.version, reason=reason.value)
+        return Answer.of(items, model_version=state.version, reason=reason.value)
 
     async def _run_model(
         self, state: ServingState, history: History, request: MaskContext, started: float
@@ -507,7 +604,7 @@ class Recommender:
                 return FallbackReason.MODEL_TIMEOUT
             scores, tokens = outputs[0]
         items = ranker.decode(scores, tokens, MAX_K)
-        return Answer(items=tuple(items), model_version=bundle.version, reason=MODEL_REASON)
+        return Answer.of(items, model_version=bundle.version, reason=MODEL_REASON)
 
     async def recommend(self, req: RecommendRequest, started: float | None = None) -> RecommendResponse:
         """`started`: time.perf_counter() when the request arrived (default: now), for the model budget."""
@@ -517,7 +614,7 @@ class Recommender:
         if self.answer_log is not None:  # cached answers too: they are answers given
             self.answer_log.record(
                 req.user_id,
-                [item_id for item_id, _ in answer.items[: req.k]],
+                list(answer.item_ids[: req.k]),
                 answer.model_version,
                 None if answer.reason == MODEL_REASON else answer.reason,
             )
@@ -531,8 +628,8 @@ class Recommender:
         tod = time_of_day_token_of(ts)
         segment = ctx.segment if ctx else None
 
-        use_cache = req.recent_items is None
-        variant = (state.version, device, segment, tod)
+        use_cache = req.recent_items is None and self._cache.enabled
+        variant = self._variant(state, device, segment, tod)
         stamp = 0
         if use_cache:
             cached, stamp = self._cache_get(req.user_id, variant)
@@ -550,7 +647,8 @@ class Recommender:
                 return self._fallback(state, FallbackReason.FEATURE_STORE_UNAVAILABLE, set(), device, segment), False
             if sequence is None:
                 answer = self._fallback(state, FallbackReason.UNKNOWN_USER, set(), device, segment)
-                self._cache_put(req.user_id, variant, answer, stamp)
+                if use_cache:  # the same for every unknown user of this variant: stored once
+                    self._cache_put(req.user_id, variant, answer, stamp, shared=True)
                 return answer, False
             history = History(
                 item_ids=sequence.item_ids, event_types=sequence.event_types, tod=sequence.tod, devices=sequence.devices
@@ -579,17 +677,38 @@ class Recommender:
         token = vocabulary.item_to_token.get(item_id)
         return vocabulary.categories[token - FIRST_ITEM_TOKEN] if token is not None else None
 
-    async def record_event(self, req: EventRequest) -> EventResponse:
-        """Log durably first (the event is never lost), then update the feature store and the cache."""
-        state = self.state
-        ts = req.ts or datetime.now(timezone.utc)
-        segment: str | None = None
-        store_error: str | None = None
+    @property
+    def event_log_error(self) -> str | None:
+        """The last failure to write the event log (None after a successful write)."""
+        return self.events.log_error
+
+    def _feature_writer(self) -> FeatureStoreClient:
+        """The event writer's client: its own connection to the store (FeatureStoreClient.for_writes)."""
+        with self._feature_client_lock:
+            if self._writer_client is not None:
+                return self._writer_client
+        reader = self._client()  # raises FeatureStoreUnavailable while the store is not configured
         try:
-            current = await self._user_sequence(state, req.user_id)
-            segment = current.segment if current is not None else None
-        except FeatureStoreUnavailable as exc:
-            store_error = str(exc)
+            writer = reader.for_writes()
+        except FeatureStoreUnavailable:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a store that cannot be opened is an outage, not a crash
+            raise FeatureStoreUnavailable(f"feature store writer: {type(exc).__name__}: {exc}") from exc
+        with self._feature_client_lock:
+            self._writer_client = self._writer_client or writer
+            return self._writer_client
+
+    def _invalidate_users(self, user_ids: list[str]) -> None:
+        for user_id in user_ids:
+            self.invalidate(user_id)
+
+    async def record_event(self, req: EventRequest) -> EventResponse:
+        """Queue the event for the writer (event_writer.py) and wait for its receipt: durably logged
+        first (or a duplicate of an event logged before), then applied to the feature store and the cache.
+        Raises EventLogUnavailable (not logged) or EventQueueFull (not queued)."""
+        state = self.state
+        event_id = req.event_id or uuid.uuid4().hex
+        ts = req.ts or datetime.now(timezone.utc)
         record = canonical_record(
             user_id=req.user_id,
             item_id=req.item_id,
@@ -598,38 +717,34 @@ class Recommender:
             session_id=req.session_id,
             category=self._category(state, req.item_id),
             device=req.device,
-            segment=segment,
             price=req.price,
         )
-        try:
-            path: Path = await anyio.to_thread.run_sync(self.event_log.append, record)
-        except OSError as exc:  # disk full, read-only volume: the client must retry, nothing is acknowledged
-            raise EventLogUnavailable(f"the event log {self.event_log.directory} cannot be written: {exc}") from exc
-        self.metrics.events_logged.inc()
-
-        updated: UserSequence | None = None
-        if store_error is None:
-            try:
-                updated = await anyio.to_thread.run_sync(
-                    lambda: self._client().push_event(req.user_id, req.item_id, req.event_type, ts, req.device)
-                )
-            except FeatureStoreUnavailable as exc:
-                store_error = str(exc)
-        self.invalidate(req.user_id)
-        if store_error is not None:
-            logger.warning("event logged but the feature store was not updated: %s", store_error)
+        push = PushedEvent(user_id=req.user_id, item_id=req.item_id, event_type=req.event_type, ts=ts, device=req.device)
+        receipt: EventReceipt = await asyncio.wrap_future(self.events.submit(PendingEvent(event_id, record, push)))
+        if not receipt.duplicate:
+            self.metrics.events_logged.inc()
+        if receipt.duplicate:
+            outcome = EventOutcome.DUPLICATE
+        elif receipt.store_error is not None:
+            outcome = EventOutcome.FEATURE_STORE_UNAVAILABLE
+        else:
+            outcome = EventOutcome.OK
         return EventResponse(
+            event_id=receipt.event_id,
             accepted=True,
-            logged_to=path.name,
-            feature_store_updated=updated is not None,
-            sequence_length=len(updated) if updated is not None else None,
-            reason="ok" if store_error is None else f"feature_store_unavailable: {store_error}",
+            duplicate=receipt.duplicate,
+            durable=True,
+            feature_store_updated=receipt.feature_store_updated,
+            sequence_length=receipt.sequence_length,
+            reason=outcome,
         )
 
     def close(self) -> None:
         self._stop.set()
         if self._watcher is not None:
             self._watcher.join(timeout=30)  # a load in progress finishes first
+        self._health_thread.join(timeout=5)  # a probe in progress waits at most its timeout
+        self.events.close()  # commits what is queued
         self.event_log.close()
         if self.answer_log is not None:
             self.answer_log.close()

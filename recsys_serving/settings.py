@@ -12,11 +12,12 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, EnvSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, EnvSettingsSource, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
+from recsys_serving.bundle import PUBLIC_KEYS_ENV, public_key_paths
 from recsys_serving.contract import (
     BUNDLES_DIR,
     CURRENT_BUNDLE,
@@ -78,7 +79,27 @@ class ServingSettings(BaseSettings):
     )
     feature_repo: Path = Field(default=REPO_ROOT / "feature_repo", description="Feast repository")
     cache_ttl_s: float = Field(default=30.0, gt=0, description="answers older than this are recomputed")
-    cache_size: int = Field(default=100_000, ge=1, description="users whose answers are cached")
+    cache_max_bytes: int = Field(
+        default=256 * 1024**2,
+        ge=0,
+        description="bound of the answer cache in bytes, over every user and request variant (device, "
+        "segment, time of day); each entry counts its estimated size (answer, key and bookkeeping); "
+        "0 = no cache",
+    )
+    health_probe_interval_s: float = Field(
+        default=1.0,
+        gt=0,
+        description="how often a background thread probes the online store (one cheap read, bounded by "
+        "feature_timeout_ms) and the event log for /healthz and recsys_dependency_up; health requests "
+        "only read the latest result, so no number of them adds load on the store",
+    )
+    bundle_public_key_file: str | None = Field(
+        default=None,
+        validation_alias=PUBLIC_KEYS_ENV,
+        description="public key(s) that bundle signatures must verify with: comma-separated PEM files or "
+        "directories (every *.pub inside); None = $RECSYS_HOME/secrets/bundle_signing_key.pub if it "
+        "exists, else bundles are not signature-checked (a warning at start)",
+    )
     model_timeout_ms: float = Field(default=250.0, gt=0, description="queueing + inference budget")
     feature_timeout_ms: float = Field(default=250.0, gt=0, description="feature store lookup budget")
     max_body_bytes: int = Field(default=64 * 1024, ge=1024, description="larger request bodies get 413")
@@ -91,6 +112,15 @@ class ServingSettings(BaseSettings):
     feature_concurrency: int = Field(default=2, ge=1, description="feature store reads running at once")
     use_gpu: bool = Field(default=True, description="use TensorRT/CUDA providers when onnxruntime has them")
     event_log_dir: Path | None = Field(default=None, description="None = $RECSYS_HOME/events/served")
+    events_max_queue: int = Field(
+        default=10_000, ge=1,
+        description="events waiting for the writer (event_writer.py) per process; beyond it POST /events gets 503",
+    )
+    event_id_retention_days: float = Field(
+        default=7.0, gt=0,
+        description="how long a logged event id is remembered, so that a retry with the same id is not "
+        "applied twice (the ingest stage keeps one line per id whatever the age)",
+    )
     workers: int = Field(default=1, ge=1, le=64, description="server processes (each with its cache and session)")
     execution: Literal["auto", "thread", "inline"] = Field(
         default="auto",
@@ -126,6 +156,49 @@ class ServingSettings(BaseSettings):
         "where they go); off, the tracing middleware skips them, since spans cost CPU on every request, "
         "sampled or not",
     )
+    # The HTTP edge (access.py, service.ApiGuard): who may call, how much, how many at once.
+    write_tokens: Annotated[tuple[SecretStr, ...], NoDecode] = Field(
+        default=(),
+        description="bearer tokens that may write (POST /events) and read, comma-separated; none (and none "
+        "in api_tokens_file) = every write is refused",
+    )
+    read_tokens: Annotated[tuple[SecretStr, ...], NoDecode] = Field(
+        default=(), description="bearer tokens that may only read (needed for /recommend when read_access=token), comma-separated"
+    )
+    api_tokens_file: Path | None = Field(
+        default=None,
+        description="a file of tokens, one '<read|write> <token>' per line, '#' comments (e.g. a Kubernetes "
+        "Secret mounted as a file); re-read within 5 s of a change; missing or malformed at start stops the service",
+    )
+    read_access: Literal["open", "token"] = Field(
+        default="open", description="open: /recommend needs no token; token: it needs a read or write token"
+    )
+    rate_limit_per_s: float = Field(
+        default=1000.0, ge=0,
+        description="requests per second per client (its token, else its IP) on /recommend and /events, per "
+        "worker process (token bucket); 0 = no limit",
+    )
+    rate_limit_burst: int = Field(default=2000, ge=1, description="requests a client may send at once above the rate")
+    rate_limit_clients: int = Field(
+        default=100_000, ge=1,
+        description="clients whose rate-limit state each worker keeps (least recently seen dropped first: "
+        "a dropped client starts with a full burst)",
+    )
+    recommend_max_concurrency: int = Field(
+        default=200, ge=1, description="/recommend requests in progress per worker; more get 503 at once"
+    )
+    events_max_concurrency: int = Field(
+        default=16, ge=1,
+        description="POST /events requests in progress per worker; more get 503 at once, so that events "
+        "cannot take the worker from /recommend",
+    )
+
+    @field_validator("write_tokens", "read_tokens", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: Any) -> Any:
+        if isinstance(value, str):  # the environment's form; tokens are checked by access.py, which never echoes them
+            return tuple(part.strip() for part in value.split(",") if part.strip())
+        return value
 
     @classmethod
     def settings_customise_sources(
@@ -154,6 +227,11 @@ class ServingSettings(BaseSettings):
         if (embedded / "manifest.json").exists():
             return embedded
         return self.home.expanduser() / BUNDLES_DIR / CURRENT_BUNDLE
+
+    def resolved_public_key_files(self) -> list[Path]:
+        """The public key files bundles must verify with (empty: signatures are not checked);
+        ValueError when the variable names a missing file or an empty directory."""
+        return public_key_paths(self.bundle_public_key_file, self.home.expanduser())
 
     def resolved_event_log_dir(self) -> Path:
         return (self.event_log_dir or self.home.expanduser() / SERVED_EVENTS_DIR).expanduser()

@@ -372,7 +372,12 @@ def test_export_assets_materialize_end_to_end(tmp_path: Path, monkeypatch: pytes
         assert trt["reason"] and trt["path"] is None
     bundle_out = result.output_for_node("model_bundle")
     assert bundle_out["promoted"] and bundle_out["current"] == bundle_out["version"]
-    manifest = verify_bundle(tmp_path / "bundles" / "current")
+    # signed with the key model_bundle created on first use; the default public key beside it verifies
+    from recsys_serving.bundle import configured_public_keys
+
+    keys = configured_public_keys()
+    assert [k.key_id for k in keys] == [bundle_out["signed_by"]]
+    manifest = verify_bundle(tmp_path / "bundles" / "current", keys)
     assert manifest.export["parity"]["passed"] and manifest.data_window["interactions"] == 2400
     assert manifest.gate["passed"] and manifest.metrics == _metrics(0.2)
     assert ("model.plan" in manifest.files) == trt["built"]
@@ -387,5 +392,7 @@ def test_export_assets_materialize_end_to_end(tmp_path: Path, monkeypatch: pytes
     assert bento["tag"] == f"recsys_recommender:{bundle_out['version'].lower()}"
     built = tmp_path / "bentoml" / "bentos" / "recsys_recommender" / bundle_out["version"].lower()
     assert (built / "src" / "bundle" / "manifest.json").exists()
+    assert (built / "src" / "bundle" / "manifest.sig").exists(), "the bento carries the bundle's signature"
+    assert verify_bundle(built / "src" / "bundle", keys).version == bundle_out["version"]
     assert (built / "src" / "recsys_serving" / "service.py").exists()
     assert not list((built / "src").rglob("*.safetensors")), "the bento must not carry training artifacts"

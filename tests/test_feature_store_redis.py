@@ -7,8 +7,6 @@ binary cannot be found (`apt-get install -y redis-server` provides it).
 from __future__ import annotations
 
 import shutil
-import socket
-import subprocess
 import time
 from datetime import datetime
 from pathlib import Path
@@ -16,9 +14,10 @@ from typing import Iterator
 
 import pandas as pd
 import pytest
-import redis
 
 from recsys_serving.feature_client import FeatureStoreClient, FeatureStoreUnavailable
+
+from _service_harness import RedisServer, free_port
 from test_feature_store import (  # noqa: F401  (the `home` and `interactions` fixtures are used by name)
     FEATURE_REPO,
     check_online_matches_offline,
@@ -32,50 +31,11 @@ from test_feature_store import (  # noqa: F401  (the `home` and `interactions` f
 REDIS_SERVER = shutil.which("redis-server")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class RedisServer:
-    def __init__(self, binary: str, workdir: Path) -> None:
-        self.port = _free_port()
-        self.process = subprocess.Popen(
-            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", str(workdir)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-        )
-        client = redis.Redis(host="127.0.0.1", port=self.port)
-        deadline = time.monotonic() + 15
-        while True:
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                if self.process.poll() is not None or time.monotonic() > deadline:
-                    output = self.process.stdout.read().decode() if self.process.stdout else ""
-                    self.stop()
-                    raise RuntimeError(f"redis-server did not start on port {self.port}: {output}")
-                time.sleep(0.05)
-        self.client = client
-
-    @property
-    def connection(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            self.process.wait(timeout=10)
-
-
 @pytest.fixture(scope="module")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
     if REDIS_SERVER is None:
         pytest.skip("redis-server binary not found on PATH (install it: apt-get install -y redis-server)")
-    server = RedisServer(REDIS_SERVER, tmp_path_factory.mktemp("redis"))
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
     yield server
     server.stop()
 
@@ -111,7 +71,7 @@ def test_redis_outage_raises_feature_store_unavailable(
     redis_env: RedisServer, home: Path, interactions: pd.DataFrame, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     materialized_client(home, interactions, online_store="redis")
-    monkeypatch.setenv("RECSYS_REDIS_CONNECTION", f"127.0.0.1:{_free_port()}")  # nothing listens there
+    monkeypatch.setenv("RECSYS_REDIS_CONNECTION", f"127.0.0.1:{free_port()}")  # nothing listens there
     client = FeatureStoreClient(FEATURE_REPO, online_store="redis")
     started = time.monotonic()
     with pytest.raises(FeatureStoreUnavailable, match="redis online store"):

@@ -382,6 +382,11 @@ def stack(gateway: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[St
         export_bundle(home / "bundles", BERT4Rec(config).eval(), config, vocabulary, popularity, home / "work",
                       contexts=[], metrics={"models": {}}, version="monitored")
         promote(home / "bundles", "monitored")
+        # the online store's registry: without it the service is degraded, and not ready
+        from recsys_assets.data.user_features import apply_feature_repo
+        from recsys_serving.feature_client import load_feature_store
+
+        apply_feature_repo(load_feature_store(REPO / "feature_repo"), REPO / "feature_repo", max_len=20)
     server = Server("monitored", home, {})
     port = free_port()
     config_file = home / "prometheus.yml"

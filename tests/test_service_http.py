@@ -21,11 +21,11 @@ import pytest
 
 from recsys_assets.data.schema import RAW_EVENTS_COLUMNS
 from recsys_assets.data.served_events import append_served_events
-from recsys_assets.export.bundle import export_bundle, promote, write_bundle
+from recsys_assets.export.bundle import write_bundle
 from recsys_serving.bundle import MODEL_FILE, ModelSpec, read_manifest
 from recsys_serving.contract import SERVED_EVENTS_DIR
 
-from _service_harness import ITEMS, N_ITEMS, REPO, Server, free_port, successor_model
+from _service_harness import POPULARITY, REPO, VOCABULARY, Server, build_serving_home, free_port
 
 HISTORIES = {"alice": [3, 4, 5], "carol": [10, 11], "dave": [30, 31]}
 JSON = {"content-type": "application/json"}
@@ -44,40 +44,18 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("RECSYS_HOME", str(home))
-        from recsys_assets.data.user_features import apply_feature_repo
-        from recsys_serving.feature_client import FeatureStoreClient, load_feature_store
-
-        model, config = successor_model()
-        phase("train")
-        vocabulary = {"items": ITEMS, "categories": [f"c{k % 4}" for k in range(N_ITEMS)],
-                      "context": {"device": {"mobile": 1, "desktop": 2}, "segment": {"vip": 1}}}
-        popularity = {
-            "global": [{"item_id": i, "score": float(N_ITEMS - r)} for r, i in enumerate(reversed(ITEMS))],
-            "by_segment": {},
-            "by_device": {"mobile": [{"item_id": f"i{k}", "score": 1.0} for k in range(10)]},
-        }
+        good = build_serving_home(home, HISTORIES)
+        phase("train, bundle, feast")
         root = home / "bundles"
-        good = export_bundle(root, model, config, vocabulary, popularity, home / "work", contexts=[],
-                             metrics={"models": {}}, version="good")
-        promote(root, "good")
         spec = read_manifest(Path(good.path)).model
-        lying = write_bundle(root, home / "work" / MODEL_FILE, vocabulary, popularity,
+        lying = write_bundle(root, home / "work" / MODEL_FILE, VOCABULARY, POPULARITY,
                              ModelSpec(**{**spec.model_dump(), "max_len": 64}), version="lying")
         broken = home / "broken"
         shutil.copytree(good.path, broken)
         weights = broken / MODEL_FILE
         weights.chmod(0o644)
         weights.write_bytes(weights.read_bytes()[:-1] + b"\x01")
-
         phase("bundles")
-        store = load_feature_store(REPO / "feature_repo")
-        apply_feature_repo(store, REPO / "feature_repo", max_len=20)
-        client = FeatureStoreClient(REPO / "feature_repo")
-        start = datetime.now(timezone.utc) - timedelta(hours=1)
-        for user, history in HISTORIES.items():
-            for n, item in enumerate(history):
-                client.push_event(user, f"i{item}", "view", start + timedelta(minutes=n), device="mobile")
-        phase("feast")
 
     servers = {
         "main": Server("main", home, {}),
@@ -133,7 +111,7 @@ def test_event_changes_the_next_answer(servers: dict[str, Any]) -> None:
     assert mine[-1]["category"] == "c0" and mine[-1]["device"] == "desktop"
     con = duckdb.connect()
     con.execute("CREATE TABLE raw_events (" + ", ".join(f'"{c}" {t}' for c, t in RAW_EVENTS_COLUMNS.items()) + ")")
-    assert append_served_events(con, files) == len(records)
+    assert append_served_events(con, files).rows == len(records)
     row = con.execute("SELECT item_id, event_type, ts FROM raw_events WHERE user_id = 'carol'").fetchall()[-1]
     assert row[:2] == ("i20", "purchase")
     assert abs(row[2] - datetime.now(timezone.utc).replace(tzinfo=None)) < timedelta(minutes=5)
@@ -225,15 +203,20 @@ def test_refused_bundle_and_feature_store_outage(servers: dict[str, Any]) -> Non
         ("/events", {"user_id": "a", "item_id": "i1", "event_type": "view", "price": 1e12}, 400, "price"),
         ("/events", {"user_id": "a", "event_type": "view"}, 400, "item_id"),
         ("/events", {"user_id": "a", "item_id": "i1", "event_type": "view", "price": -1}, 400, "price"),
+        ("/events", {"user_id": "a", "item_id": "i1", "event_type": "view", "price": False}, 400, "price"),
+        ("/events", {"user_id": "a", "item_id": "i1", "event_type": "view", "price": "12.5"}, 400, "price"),
+        ("/events", {"user_id": "a", "item_id": "i1", "event_type": "view", "ts": 1700000000}, 400, "ts"),
+        ("/events", {"user_id": "a", "item_id": "i1", "event_type": "view", "ts": "2025-01-01"}, 400, "ts"),
+        ("/events", {"event_id": "a b/../c", "user_id": "a", "item_id": "i1", "event_type": "view"}, 400, "event_id"),
     ],
 )
 def test_bad_input_gets_a_clear_4xx(servers: dict[str, Any], path: str, body: Any, status: int, needle: str) -> None:
     client = servers["main"].client
+    logged = _event_log_lines(servers["home"])
     if isinstance(body, bytes):
         resp = client.post(path, content=body, headers=JSON)
     else:
         resp = client.post(path, json=body)
-    logged = _event_log_lines(servers["home"])
     assert resp.status_code == status, resp.text
     assert needle in resp.text
     assert _event_log_lines(servers["home"]) == logged, "a refused event must not reach the event log"
@@ -371,26 +354,40 @@ def test_execution_modes_agree_and_keep_the_model_budget(servers: dict[str, Any]
 
 
 def test_event_is_refused_when_the_log_cannot_be_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Nothing is acknowledged that is not on disk: an unwritable log raises (the API answers 503)."""
+    """Nothing is acknowledged that is not on disk: an unwritable log raises (the API answers 503), a
+    retried event id is logged once, and the log recovers by itself when its volume is back."""
     import asyncio
 
     import prometheus_client
 
+    from recsys_serving.event_writer import EventLogUnavailable
     from recsys_serving.metrics import ServiceMetrics
-    from recsys_serving.recommender import EventLogUnavailable, Recommender
+    from recsys_serving.recommender import Recommender
     from recsys_serving.schemas import EventRequest
     from recsys_serving.settings import ServingSettings
 
     monkeypatch.setenv("RECSYS_HOME", str(tmp_path))
     settings = ServingSettings.from_env(feature_repo=str(tmp_path / "no_feature_repo"))
     recommender = Recommender(settings, ServiceMetrics(registry=prometheus_client.CollectorRegistry()))
-    event = EventRequest(user_id="u", item_id="i1", event_type="view")
-    receipt = asyncio.run(recommender.record_event(event))  # no bundle, no feature store: still logged
-    assert receipt.accepted and not receipt.feature_store_updated
-    log_dir = settings.resolved_event_log_dir()
-    assert json.loads((log_dir / receipt.logged_to).read_text())["item_id"] == "i1"
-    recommender.close()
-    shutil.rmtree(log_dir)
-    log_dir.write_text("not a directory")  # the volume is gone
-    with pytest.raises(EventLogUnavailable):
-        asyncio.run(recommender.record_event(event))
+    event = EventRequest(event_id="order-7-line-1", user_id="u", item_id="i1", event_type="view")
+    try:
+        receipt = asyncio.run(recommender.record_event(event))  # no bundle, no feature store: still logged
+        assert receipt.accepted and receipt.durable and not receipt.duplicate and not receipt.feature_store_updated
+        assert receipt.event_id == "order-7-line-1"
+        retry = asyncio.run(recommender.record_event(event))
+        assert retry.duplicate and retry.reason.value == "duplicate"
+        log_dir = settings.resolved_event_log_dir()
+        lines = [json.loads(line) for f in log_dir.glob("*.jsonl") for line in f.read_text().splitlines()]
+        assert [(r["event_id"], r["item_id"]) for r in lines] == [("order-7-line-1", "i1")]
+
+        shutil.rmtree(log_dir)
+        log_dir.write_text("not a directory")  # the volume is gone
+        with pytest.raises(EventLogUnavailable):
+            asyncio.run(recommender.record_event(event.model_copy(update={"event_id": "order-8"})))
+        assert recommender.event_log_error is not None
+        log_dir.unlink()  # the volume is back (empty)
+        back = asyncio.run(recommender.record_event(event.model_copy(update={"event_id": "order-8"})))
+        assert back.accepted and not back.duplicate and recommender.event_log_error is None
+        assert len(list(log_dir.glob("*.jsonl"))) == 1
+    finally:
+        recommender.close()

@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import uuid
 from pathlib import Path
 from typing import Any
@@ -234,7 +235,8 @@ class ModelBundleConfig(Config):
     group_name=GROUP,
     io_manager_key="artifact_io_manager",
     description="Versioned write-once bundle ($RECSYS_HOME/bundles/<version>): model.onnx (+ model.plan), "
-    "vocabulary, popularity fallback, manifest with checksums; promoted atomically if the gate passes.",
+    "vocabulary, popularity fallback, manifest with checksums, signed (manifest.sig, Ed25519) with the key "
+    "of RECSYS_BUNDLE_SIGNING_KEY_FILE; promoted atomically if the gate passes.",
 )
 def model_bundle(
     context: AssetExecutionContext,
@@ -259,6 +261,7 @@ def model_bundle(
         write_bundle,
     )
     from recsys_assets.export.onnx_export import ExportReport
+    from recsys_assets.export.signing import load_or_create_signing_key, public_key_path, signing_key_path
 
     model_config = BERT4RecConfig.model_validate(onnx_model["config"])
     mismatch = sequence_length_mismatch(model_config.max_len, int(feast_online_store["max_len"]))
@@ -286,6 +289,8 @@ def model_bundle(
             f"{model_config.vocab_size}: the vocabulary changed after training"
         )
     plan = Path(tensorrt_engine["path"]) if tensorrt_engine.get("built") else None
+    key_file = signing_key_path()
+    signing_key = load_or_create_signing_key(key_file)
     info = write_bundle(
         root,
         Path(onnx_model["path"]),
@@ -304,6 +309,7 @@ def model_bundle(
             "model_dir": onnx_model.get("model_dir"),
             "evaluation_run": evaluation_report.get("run_id"),
         },
+        signing_key=signing_key,
     )
     promoted = False
     if decision.passed and config.promote:
@@ -332,6 +338,8 @@ def model_bundle(
             "promoted": promoted,
             "current": str(current_version(root)),
             "tensorrt_plan": "included" if plan else f"not built: {tensorrt_engine.get('reason')}",
+            "signed_by": str(info.signed_by),  # key id; serving verifies with the public key below
+            "public_key": MetadataValue.path(str(public_key_path(key_file))),
             "popularity_lists": f"global {len(popularity['global'])}, segments {len(popularity['by_segment'])}, "
             f"devices {len(popularity['by_device'])}",
         }
@@ -341,23 +349,30 @@ def model_bundle(
         "path": info.path,
         "promoted": promoted,
         "current": current_version(root),
+        "signed_by": info.signed_by,
         "gate": decision.model_dump(),
         "run_id": context.run.run_id,
     }
 
 
-@asset_check(asset=model_bundle, description="The serving reader accepts the bundle: format, checksums, a warm-up inference.")
+@asset_check(
+    asset=model_bundle,
+    description="The serving reader accepts the bundle: signature (with the configured public keys), format, "
+    "checksums, a warm-up inference.",
+)
 def bundle_loads_in_serving(context: AssetCheckExecutionContext, model_bundle: dict[str, Any]) -> AssetCheckResult:
-    from recsys_serving.bundle import BundleRefused, load_bundle
+    from recsys_serving.bundle import BundleRefused, configured_public_keys, load_bundle
     from recsys_serving.model import OnnxRanker
 
     try:
-        bundle = load_bundle(Path(model_bundle["path"]))
+        bundle = load_bundle(Path(model_bundle["path"]), public_keys=configured_public_keys())
         ranker = OnnxRanker(bundle, intra_threads=1, use_gpu=False, cache_dir=recsys_home() / "cache" / "tensorrt")
     except BundleRefused as exc:
         return AssetCheckResult(passed=False, metadata={"reason": exc.reason})
     return AssetCheckResult(
-        passed=True, metadata={"version": bundle.version, "providers": MetadataValue.json(ranker.providers)}
+        passed=True,
+        metadata={"version": bundle.version, "providers": MetadataValue.json(ranker.providers),
+                  "signature_verified_with": str(bundle.signed_by)},
     )
 
 
@@ -372,6 +387,8 @@ class BentoConfig(Config):
 SERVING_SOURCES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("recsys_serving", ("*.py",)),
     ("feature_repo", ("*.py", "*.yaml")),
+    # bentofile.yaml's requirements_txt, dockerfile_template and the CUDA variant's requirements
+    ("deploy/serving", ("*.txt", "*.template")),
 )
 
 
@@ -379,7 +396,7 @@ def stage_build_context(bundle_dir: Path, staging: Path) -> Path:
     """A clean build context: the serving package, the Feast repo, bentofile.yaml and the bundle as bundle/."""
     staging.mkdir(parents=True)
     for folder, patterns in SERVING_SOURCES:
-        (staging / folder).mkdir()
+        (staging / folder).mkdir(parents=True)
         for pattern in patterns:
             for src in sorted((REPO_ROOT / folder).glob(pattern)):
                 shutil.copy2(src, staging / folder / src.name)
@@ -391,11 +408,12 @@ def stage_build_context(bundle_dir: Path, staging: Path) -> Path:
 @asset(
     group_name=GROUP,
     io_manager_key="artifact_io_manager",
-    description="`bentoml build` of recsys_serving with the promoted bundle embedded; records the bento tag.",
+    description="`bentoml build` of recsys_serving with the promoted bundle embedded (its signature "
+    "manifest.sig included); records the bento tag.",
 )
 def bento(context: AssetExecutionContext, config: BentoConfig, model_bundle: dict[str, Any]) -> dict[str, Any]:
     from recsys_assets.export.bundle import current_version
-    from recsys_serving.bundle import verify_bundle
+    from recsys_serving.bundle import SIGNATURE_FILE, configured_public_keys, verify_bundle
 
     root = bundles_dir()
     version = current_version(root)
@@ -408,29 +426,33 @@ def bento(context: AssetExecutionContext, config: BentoConfig, model_bundle: dic
     if version != model_bundle["version"]:
         context.log.warning(f"this run's bundle {model_bundle['version']} was not promoted; building {version}")
     bundle_dir = root / version
-    verify_bundle(bundle_dir)
+    verify_bundle(bundle_dir, configured_public_keys())
+    signed = (bundle_dir / SIGNATURE_FILE).is_file()  # copied into the bento with the bundle
     home = config.bentoml_home or os.environ.get("BENTOML_HOME") or str(recsys_home() / "bentoml")
     env = {**os.environ, "BENTOML_HOME": home, "BENTOML_DO_NOT_TRACK": "True"}
     existing = _bento_in_store(f"{SERVICE_NAME}:{version.lower()}", env, config.timeout_s)
     if existing is not None:
         # Bentos are write-once like bundles: a run whose bundle was not promoted keeps the champion's.
         context.log.info(f"bento {existing} of bundle {version} is already built: reusing it")
-        return _bento_result(context, existing, version, home, built=False)
-    staging = recsys_home() / "tmp" / f"bento-build-{uuid.uuid4().hex[:8]}"
+        return _bento_result(context, existing, version, home, built=False, signed=signed)
+    # BentoML refuses bentofile.yaml's file paths (requirements_txt, dockerfile_template) outside the
+    # working directory or under a hidden one, like the default RECSYS_HOME .recsys/: stage in the
+    # system's temporary directory and build from inside it.
+    staging = Path(tempfile.mkdtemp(prefix=f"recsys-bento-build-{uuid.uuid4().hex[:8]}-")) / "context"
     try:
         stage_build_context(bundle_dir, staging)
         cmd = [sys.executable, "-m", "bentoml", "build", str(staging), "-f", str(staging / "bentofile.yaml"),
                "--version", version.lower(), "-o", "tag"]
-        result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=config.timeout_s)
+        result = subprocess.run(cmd, env=env, cwd=staging, capture_output=True, text=True, timeout=config.timeout_s)
         if result.returncode != 0:
             raise RuntimeError(f"bentoml build failed ({result.returncode}): {result.stderr[-2000:]}")
         tag = result.stdout.strip().splitlines()[-1].strip()
         if tag.startswith("__tag__:"):
             tag = tag.split(":", 1)[1]
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(staging.parent, ignore_errors=True)
     context.log.info(f"built bento {tag} with bundle {version}")
-    return _bento_result(context, tag, version, home, built=True)
+    return _bento_result(context, tag, version, home, built=True, signed=signed)
 
 
 
@@ -442,16 +464,19 @@ def _bento_in_store(tag: str, env: dict[str, str], timeout_s: int) -> str | None
     return tag if result.returncode == 0 else None
 
 
-def _bento_result(context: AssetExecutionContext, tag: str, version: str, home: str, built: bool) -> dict[str, Any]:
+def _bento_result(
+    context: AssetExecutionContext, tag: str, version: str, home: str, built: bool, signed: bool
+) -> dict[str, Any]:
     serve = f"BENTOML_HOME={home} bentoml serve {tag} --host 127.0.0.1 --port 3100"
     containerize = f"BENTOML_HOME={home} bentoml containerize {tag}"
     context.add_output_metadata(
-        {"tag": tag, "bundle_version": version, "bentoml_home": home, "newly_built": built, "serve": serve,
-         "containerize": containerize}
+        {"tag": tag, "bundle_version": version, "bundle_signed": signed, "bentoml_home": home, "newly_built": built,
+         "serve": serve, "containerize": containerize}
     )
     return {
         "tag": tag,
         "bundle_version": version,
+        "bundle_signed": signed,
         "bentoml_home": home,
         "newly_built": built,
         "serve": serve,

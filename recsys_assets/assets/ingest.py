@@ -21,7 +21,7 @@ from pydantic import Field, TypeAdapter, ValidationError
 from recsys_assets.assets.metadata import table_markdown
 from recsys_assets.config import recsys_home
 from recsys_assets.data import sources, synthetic
-from recsys_assets.data.served_events import append_served_events, served_events_dir
+from recsys_assets.data.served_events import ServedEvents, append_served_events, served_event_files
 from recsys_assets.io_manager import TableQuery
 from recsys_assets.resources import WarehouseResource
 
@@ -115,23 +115,23 @@ def raw_events(context: AssetExecutionContext, config: RawEventsConfig, warehous
         path = str(source_dir)
     with warehouse.connect() as con:
         rows = sources.load_events(con, path, fmt, table="raw_events")
-        served = sorted(served_events_dir().glob("*.jsonl")) if config.include_served_events else []
-        served_rows = 0
-        if served:
-            served_rows = append_served_events(con, served, table="raw_events")
+        served = served_event_files() if config.include_served_events else []
+        appended = append_served_events(con, served, table="raw_events") if served else ServedEvents(0, 0)
         by_type = con.execute(
             "SELECT coalesce(event_type, '<null>'), count(*) FROM raw_events GROUP BY 1 ORDER BY 2 DESC"
         ).fetchall()
         span = con.execute("SELECT min(ts)::VARCHAR, max(ts)::VARCHAR FROM raw_events").fetchall()[0]
         errors = con.execute("SELECT count(*) FROM raw_events WHERE parse_error IS NOT NULL").fetchall()[0][0]
         preview = con.sql("SELECT * EXCLUDE (raw_line) FROM raw_events LIMIT 10").pl()
-    context.log.info(f"loaded {rows:,} rows of {fmt} from {path} (+{served_rows:,} served events)")
+    context.log.info(f"loaded {rows:,} rows of {fmt} from {path} (+{appended.rows:,} served events; "
+                     f"{appended.duplicates:,} retried lines of an event already appended)")
     context.add_output_metadata(
         {
             "source_format": fmt,
             "source_path": path,
             "source_rows": rows,
-            "served_event_rows": served_rows,
+            "served_event_rows": appended.rows,
+            "served_event_duplicates": appended.duplicates,
             "parse_errors": int(errors),
             "rows_by_event_type": MetadataValue.json(dict(by_type)),
             "time_span": f"{span[0]} .. {span[1]}",

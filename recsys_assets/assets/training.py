@@ -14,6 +14,7 @@ from recsys_assets.bert4rec.model import load_model
 from recsys_assets.bert4rec.presets import PRESETS, build_configs
 from recsys_assets.bert4rec.train import TrainEvent, train
 from recsys_assets.config import models_dir
+from recsys_assets.k8s import TrainingLauncherSettings, train_on_kubernetes, training_pod_request
 from recsys_serving.contract import EVENT_TYPE_TOKENS, TIME_OF_DAY_BUCKETS
 from recsys_assets.io_manager import TableRef
 
@@ -46,6 +47,10 @@ class BERT4RecTrainingConfig(Config):
     model_overrides_json: str = Field("", description='any other model field, e.g. {"ffn_mult": 2}')
     train_overrides_json: str = Field("", description='any other training field, e.g. {"label_smoothing": 0.1}')
     log_every_steps: int = Field(200, ge=1, description="progress lines in the run log")
+    launcher: Literal["", "local", "k8s"] = Field(
+        "", description="local: in this process; k8s: a GPU pod of its own through Dagster Pipes "
+        "(recsys_assets/k8s.py); empty: RECSYS_TRAINING_LAUNCHER, default local"
+    )
 
     def overrides(self) -> tuple[dict[str, Any], dict[str, Any]]:
         model = {k: getattr(self, k) for k in ("hidden", "layers", "heads", "max_len", "dropout")}
@@ -132,6 +137,12 @@ def bert4rec_model(
         config.preset, data.vocab_size, context_sizes(context_vocabulary), model_over, train_over
     )
     run_id = config.run_id or context.run.run_id
+    launcher = TrainingLauncherSettings(**({"launcher": config.launcher} if config.launcher else {}))
+    pod = None
+    if launcher.launcher == "k8s":
+        pod = training_pod_request(
+            launcher, run_id=run_id, preset=config.preset, model_config=model_cfg, train_overrides=train_over
+        )
     out = models_dir() / run_id
     context.log.info(
         f"training {len(data)} sequences, vocab {data.vocab_size}, fit={train_cfg.fit} -> {out}\n"
@@ -150,7 +161,10 @@ def bert4rec_model(
                 + (f", {valid}" if valid else "")
             )
 
-    result = train(model_cfg, train_cfg, data, out, progress=progress, extra={"run_id": run_id})
+    if pod is None:
+        result = train(model_cfg, train_cfg, data, out, progress=progress, extra={"run_id": run_id})
+    else:
+        result = train_on_kubernetes(context, launcher, pod, out)
     total = time.perf_counter() - started
     metadata: dict[str, Any] = {
         "path": str(out),

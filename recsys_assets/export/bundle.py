@@ -2,7 +2,8 @@
 
 Layout::
 
-    bundles/<version>/        write-once (staged, renamed into place, files made read-only)
+    bundles/<version>/        write-once (staged, renamed into place, files made read-only), with
+                              manifest.sig when written with a signing key (signing.py)
     bundles/current           symlink -> <version>, switched atomically (os.replace) on promotion
     bundles/promotions.jsonl  append-only history of every switch (promotion or rollback)
 
@@ -31,17 +32,24 @@ from recsys_serving.bundle import (
     MODEL_FILE,
     PLAN_FILE,
     POPULARITY_FILE,
+    SIGNATURE_FILE,
     VOCABULARY_FILE,
     BundleRefused,
     FileEntry,
     Manifest,
     ModelSpec,
     Popularity,
+    PublicKey,
+    configured_public_keys,
+    key_id_of,
     sha256_file,
+    sign_manifest,
     verify_bundle,
 )
 
 if TYPE_CHECKING:  # onnx_export imports torch: only loaded when a bundle is exported
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
     from recsys_assets.export.onnx_export import ItemTable
 
 CURRENT = CURRENT_BUNDLE
@@ -145,6 +153,7 @@ class BundleInfo(BaseModel):
     path: str
     files: dict[str, FileEntry]
     bytes: int
+    signed_by: str | None = None  # key id of the signing key; None: unsigned
 
 
 def _write_json(path: Path, obj: Any) -> None:
@@ -170,9 +179,11 @@ def write_bundle(
     gate: Mapping[str, Any] | None = None,
     export: Mapping[str, Any] | None = None,
     version: str | None = None,
+    signing_key: Ed25519PrivateKey | None = None,
 ) -> BundleInfo:
-    """Stage every file, checksum it, write the manifest, rename the directory into place (atomic),
-    make it read-only and verify it with the serving reader. Never overwrites a bundle."""
+    """Stage every file, checksum it, write the manifest (and, with `signing_key`, manifest.sig over
+    its exact bytes), rename the directory into place (atomic), make it read-only and verify it with
+    the serving reader (the signature too). Never overwrites a bundle."""
     root.mkdir(parents=True, exist_ok=True)
     staging = root / f".staging-{uuid.uuid4().hex[:12]}"
     staging.mkdir()
@@ -200,6 +211,8 @@ def write_bundle(
             files=files,
         )
         _write_json(staging / MANIFEST_FILE, manifest.model_dump(mode="json"))
+        if signing_key is not None:
+            (staging / SIGNATURE_FILE).write_bytes(sign_manifest((staging / MANIFEST_FILE).read_bytes(), signing_key))
         target = root / version
         if target.exists():
             raise FileExistsError(f"bundle {target} exists: bundles are written once")
@@ -209,9 +222,19 @@ def write_bundle(
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    verify_bundle(target)
+    signed_by = None
+    if signing_key is not None:
+        public = signing_key.public_key()
+        signed_by = key_id_of(public)
+        verify_bundle(target, [PublicKey(key_id=signed_by, key=public)])
+    else:
+        verify_bundle(target)
     return BundleInfo(
-        version=version, path=str(target), files=files, bytes=sum(f.bytes for f in files.values())
+        version=version,
+        path=str(target),
+        files=files,
+        bytes=sum(f.bytes for f in files.values()),
+        signed_by=signed_by,
     )
 
 
@@ -249,9 +272,16 @@ def _log(root: Path, record: PromotionRecord) -> None:
         os.fsync(fh.fileno())
 
 
-def promote(root: Path, version: str, reasons: list[str] | None = None, action: str = "promote") -> PromotionRecord:
-    """Verify the bundle (checksums included) and switch `current` to it."""
-    verify_bundle(root / version)
+def promote(
+    root: Path,
+    version: str,
+    reasons: list[str] | None = None,
+    action: str = "promote",
+    public_keys: list[PublicKey] | None = None,
+) -> PromotionRecord:
+    """Verify the bundle (checksums included; its signature too where public keys are configured:
+    `public_keys`, default `configured_public_keys()`) and switch `current` to it."""
+    verify_bundle(root / version, configured_public_keys() if public_keys is None else public_keys)
     previous = _switch(root, version)
     record = PromotionRecord(
         at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -286,7 +316,8 @@ def previous_champion(root: Path) -> str | None:
 
 def rollback(root: Path, to: str | None = None, reason: str | None = None) -> PromotionRecord:
     """Switch `current` back to `to`, or to the previous champion (`previous_champion`). The target is
-    verified like a promotion (BundleRefused when it does not verify; `current` is then unchanged);
+    verified like a promotion, its signature included where public keys are configured (BundleRefused
+    when it does not verify; `current` is then unchanged);
     a running service follows the switch as it follows a promotion."""
     current = current_version(root)
     if to is None:
@@ -378,6 +409,7 @@ def export_bundle(
     metrics: Mapping[str, Any] | None = None,
     data_window: Mapping[str, Any] | None = None,
     version: str | None = None,
+    signing_key: Ed25519PrivateKey | None = None,
 ) -> BundleInfo:
     """Export `model` to ONNX in `workdir` and write a bundle from it (no parity check: the
     onnx_model asset does that on real data; this is for built-from-code bundles such as the
@@ -406,4 +438,5 @@ def export_bundle(
         metrics=metrics,
         export={"onnx": report.model_dump()},
         version=version,
+        signing_key=signing_key,
     )

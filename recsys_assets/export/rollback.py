@@ -1,7 +1,9 @@
 """Roll the served bundle back: `python -m recsys_assets.export.rollback [--to VERSION]` (`make rollback`).
 
 Switches `$RECSYS_HOME/bundles/current` to the previous champion in promotions.jsonl, or to
-`--to VERSION`, after verifying that bundle's checksums; the switch is logged in promotions.jsonl.
+`--to VERSION`, after verifying that bundle's checksums (and its signature, where
+RECSYS_BUNDLE_PUBLIC_KEY_FILE or $RECSYS_HOME/secrets/bundle_signing_key.pub gives public keys);
+the switch is logged in promotions.jsonl.
 A running service notices the switch within RECSYS_RELOAD_INTERVAL_S and follows it without a
 restart (recsys_serving/README.md). Exit status 0 when switched, 1 when refused (nothing changed).
 """

@@ -53,10 +53,22 @@ class TensorRTParity(BaseModel):
     trt_ms_per_batch: float
 
 
+# The fp16 build sets BuilderFlag.FP16 on a weakly typed network, which TensorRT 11 removed (its
+# networks are strongly typed); pyproject's [gpu] extra and requirements-gpu.lock pin major 10.
+SUPPORTED_TENSORRT_MAJOR = 10
+
+
 def tensorrt_available() -> tuple[bool, str]:
     """(True, device name) or (False, the reason in one sentence)."""
     if importlib.util.find_spec("tensorrt") is None:
-        return False, "the tensorrt Python package is not installed (it needs a CUDA machine: pip install '.[gpu]')"
+        return False, "the tensorrt Python package is not installed (it needs a CUDA machine: requirements-gpu.lock)"
+    import tensorrt as trt
+
+    if trt.__version__.split(".")[0] != str(SUPPORTED_TENSORRT_MAJOR):
+        return False, (
+            f"TensorRT {trt.__version__} is installed; the engine build needs TensorRT {SUPPORTED_TENSORRT_MAJOR}.x "
+            "(BuilderFlag.FP16 was removed in 11): install requirements-gpu.lock's tensorrt pins"
+        )
     import torch
 
     if not torch.cuda.is_available():
