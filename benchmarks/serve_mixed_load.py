@@ -55,6 +55,10 @@ from recsys_assets.bert4rec.presets import get_preset  # noqa: E402
 from serve_latency import BEAUTY, Server, build_bundle, load_feature_store_with_beauty  # noqa: E402
 
 EVENT_TYPES = ("view", "view", "view", "cart", "purchase")
+# Connections open a few ms apart, as a client's pool grows: the workers share one listening socket,
+# and one that wakes to a burst of connections accepts all of them (measured: 8 opened at once went
+# 8/0 in 3 of 5 tries, 4/4 with 5 ms between them), which would leave the other worker idle.
+CONNECT_STAGGER_S = 0.005
 
 
 async def _exchange(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, request: bytes) -> tuple[int, bytes]:
@@ -83,6 +87,7 @@ async def drive(port: int, token: str, users: list[str], items: list[str], concu
     async def connection(n: int) -> None:
         nonlocal counter
         rng = random.Random(seed * 1000 + n)
+        await asyncio.sleep(n * CONNECT_STAGGER_S)
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         try:
             while time.perf_counter() < stop:
@@ -112,7 +117,7 @@ async def drive(port: int, token: str, users: list[str], items: list[str], concu
         q = statistics.quantiles(ms, n=100, method="inclusive") if len(ms) > 1 else [ms[0]] * 99
         result[endpoint] = {
             "requests": len(ms),
-            "per_s": round(len(ms) / duration, 1),
+            "per_s": round(statuses[endpoint].get(200, 0) / duration, 1),  # answered with 200 only
             "p50_ms": round(q[49], 2),
             "p99_ms": round(q[98], 2),
             "statuses": statuses[endpoint],
@@ -167,7 +172,10 @@ def main(argv: list[str] | None = None) -> None:
                         "answer-cache hits, which events then invalidate")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--phases", default="read,mixed,events,events_c32,read_again",
+                        help="which runs, comma-separated (the bars need all of them)")
     args = parser.parse_args(argv)
+    phases = set(args.phases.split(","))
 
     import torch
 
@@ -198,13 +206,17 @@ def main(argv: list[str] | None = None) -> None:
     server = Server(home, bundle, env, tag="mixed")
     try:
         server.wait_ready()
-        report["read"] = measure(server, "read", args, users, items, 0.0)
-        report["mixed"] = measure(server, "mixed", args, users, items, args.event_share)
-        report["events"] = measure(server, "events", args, users, items, 1.0)
-        report["events_c32"] = measure(server, "events_c32", args, users, items, 1.0, concurrency=32)
-        report["read_again"] = measure(server, "read_again", args, users, items, 0.0)
+        runs = {"read": (0.0, None), "mixed": (args.event_share, None), "events": (1.0, None),
+                "events_c32": (1.0, 32), "read_again": (0.0, None)}
+        for name, (share, concurrency) in runs.items():
+            if name in phases:
+                report[name] = measure(server, name, args, users, items, share, concurrency)
     finally:
         server.stop()
+        shutil.rmtree(work, ignore_errors=True)
+    if not {"read", "mixed", "events", "events_c32", "read_again"} <= report.keys():
+        print(json.dumps({name: report[name] for name in runs if name in report}))
+        return
     # the baseline is the better of the two read-only runs (the first runs on a colder cache)
     read = max((report[r]["recommend"] for r in ("read", "read_again")), key=lambda r: r["per_s"])
     mixed = report["mixed"]["recommend"]
@@ -221,7 +233,6 @@ def main(argv: list[str] | None = None) -> None:
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=2))
-    shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ an O_APPEND descriptor and ``fsync``-ed before the API answers, so an acknowledg
 crash; one fsync per batch, not per event, is what makes events cheap under load (group commit).
 
 Idempotency: `event_ids.sqlite` beside the files indexes the ids logged (by every worker of the
-host: SQLite's write lock serializes their batches), so a retried event is logged once. The log is
+host: a lock on `event_ids.lock` serializes their batches), so a retried event is logged once. The log is
 the truth and the index is derived from it: the index is committed after the log's fsync, and on
 start-up the lines it lacks (a crash between the two) are indexed from the files. The ingest stage
 (``recsys_assets.data.served_events.append_served_events``) also keeps one line per event id, for
@@ -18,6 +18,7 @@ logs written on different hosts.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import socket
@@ -36,6 +37,7 @@ EVENT_ID_FIELD = "event_id"
 LOGGED_FIELDS: tuple[str, ...] = (EVENT_ID_FIELD, *CANONICAL_FIELDS)
 LOG_GLOB = "served-*.jsonl"
 INDEX_FILE = "event_ids.sqlite"
+LOCK_FILE = "event_ids.lock"
 _SQL_VARIABLES = 500  # ids per IN (...) query, below SQLite's limit on bound parameters
 
 
@@ -79,7 +81,18 @@ class EventLog:
         self._path: Path | None = None
         self._host = socket.gethostname().split(".")[0] or "host"
         self._index: sqlite3.Connection | None = None
+        self._host_lock: int | None = None
         self._pruned_at = 0.0
+
+    def _open_host_lock(self) -> int:
+        if self._host_lock is not None and os.fstat(self._host_lock).st_nlink > 0:
+            return self._host_lock
+        if self._host_lock is not None:  # the volume went away and came back: lock the new file
+            os.close(self._host_lock)
+            self._host_lock = None
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._host_lock = os.open(self.directory / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        return self._host_lock
 
     def _open_index(self) -> sqlite3.Connection:
         if self._index is not None and not (self.directory / INDEX_FILE).exists():  # the volume went away
@@ -201,20 +214,27 @@ class EventLog:
         that what a batch does inside (read the users' sequences, log, update them) is atomic per host;
         committed on exit. Raises OSError when the log or its index cannot be opened."""
         with self._lock:
+            # A blocking flock, not SQLite's lock alone: a worker that finds SQLite's lock taken polls
+            # it with sleeps of 1 to 100 ms, where a flock waiter wakes as soon as the lock is free.
+            host_lock = self._open_host_lock()
+            fcntl.flock(host_lock, fcntl.LOCK_EX)
             try:
-                index = self._open_index()
-                index.execute("BEGIN IMMEDIATE")
-            except sqlite3.Error as exc:  # the index's disk: as unwritable as the log's for the client
-                raise OSError(f"event id index: {exc}") from exc
-            try:
-                yield
-            except BaseException:
-                index.execute("ROLLBACK")
-                raise
-            try:
-                index.execute("COMMIT")
-            except sqlite3.Error as exc:
-                raise OSError(f"event id index: {exc}") from exc
+                try:
+                    index = self._open_index()
+                    index.execute("BEGIN IMMEDIATE")
+                except sqlite3.Error as exc:  # the index's disk: as unwritable as the log's for the client
+                    raise OSError(f"event id index: {exc}") from exc
+                try:
+                    yield
+                except BaseException:
+                    index.execute("ROLLBACK")
+                    raise
+                try:
+                    index.execute("COMMIT")
+                except sqlite3.Error as exc:
+                    raise OSError(f"event id index: {exc}") from exc
+            finally:
+                fcntl.flock(host_lock, fcntl.LOCK_UN)
 
     def append_new(self, records: Sequence[dict[str, Any]]) -> list[bool]:
         """Write the records whose event id was never logged, durably, in one write and one fsync
@@ -264,6 +284,9 @@ class EventLog:
             if self._index is not None:
                 self._index.close()
                 self._index = None
+            if self._host_lock is not None:
+                os.close(self._host_lock)
+                self._host_lock = None
 
 
 def _ends_mid_line(path: Path) -> bool:

@@ -188,7 +188,7 @@ class ServingSettings(BaseSettings):
         default=200, ge=1, description="/recommend requests in progress per worker; more get 503 at once"
     )
     events_max_concurrency: int = Field(
-        default=16, ge=1,
+        default=64, ge=1,
         description="POST /events requests in progress per worker; more get 503 at once, so that events "
         "cannot take the worker from /recommend",
     )

@@ -130,6 +130,26 @@ def test_ranks_split_a_global_batch_without_changing_it() -> None:
         torch.testing.assert_close(part.labels, whole.labels[r::2, -w:])
 
 
+def test_a_rank_left_without_rows_gets_a_row_without_targets_and_a_zero_finite_gradient() -> None:
+    # a global batch of one window on two ranks (the end of an epoch): rank 1 has nothing to train
+    # on, yet must run a backward for DDP's all-reduce
+    split = _data(50).split("train")
+    cfg = BatchingConfig(batch_size=9, windows="prefixes", mask_prob=0.4)
+    index = ExampleIndex(split.sequences, cfg, 8)
+    builder = BatchBuilder(split.sequences, split.contexts, index, seed=1)
+    ids = index.epoch_batches(0, 0)[0][:1]
+    owner, idle = (builder.build(ids, 0, 0, rank=r, world=2) for r in range(2))
+    assert idle.tokens.shape[0] == 1 and not bool((idle.labels > 0).any())
+    assert int((owner.labels > 0).sum()) == owner.n_targets_global == idle.n_targets_global
+    assert not bool((idle.tokens == MASK_TOKEN).any())
+    model = BERT4Rec(BERT4RecConfig(vocab_size=50, hidden=8, layers=1, heads=2, max_len=8, dropout=0.0))
+    loss = cloze_loss_sum(model, model(idle.tokens, **idle.contexts), idle.labels, TrainConfig(loss="full"))
+    loss.backward()
+    assert float(loss) == 0.0
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(bool(torch.isfinite(g).all()) and float(g.abs().max()) == 0.0 for g in grads)
+
+
 def test_eval_inputs_are_right_aligned_history_plus_mask() -> None:
     data = _data(20)
     split = data.split("train")

@@ -65,6 +65,8 @@ class TqdmProgress:
         from tqdm import tqdm
 
         if event.kind == "start":
+            if event.global_step > 0:  # also what tells a restarted pod's log that it did not start over
+                print(f"resuming from the checkpoint at step {event.global_step} of {event.total_steps}", flush=True)
             self.bar = tqdm(total=event.total_steps, initial=event.global_step, unit="step", dynamic_ncols=True)
         elif event.kind == "step" and self.bar is not None:
             self.bar.update(event.global_step - self.bar.n)

@@ -296,15 +296,20 @@ class BatchBuilder:
         n_targets_global = int(masked.sum())
 
         mine = np.arange(rank, n, world)
+        # A global batch smaller than the world leaves this rank no row, but it must still run a
+        # backward for DDP's gradient all-reduce: it gets the batch's first row with no target.
+        no_rows = len(mine) == 0
+        if no_rows:
+            mine = np.arange(1)
         ids = example_ids[mine]
         lens_m = lens[mine]
-        width_m = int(lens_m.max()) if len(ids) else 1
+        width_m = int(lens_m.max())
         # row r holds window [end - len, end) of its sequence, right-aligned in width_m columns
         col = np.arange(width_m)[None, :]
         inside = col >= (width_m - lens_m)[:, None]
         ends = self._offsets[self.index.seq_idx[ids]] + self.index.ends[ids]
         gather = np.where(inside, ends[:, None] - width_m + col, 0)
-        m = masked[mine][:, width - width_m :] & inside  # both right-aligned; width_m <= width
+        m = masked[mine][:, width - width_m :] & inside & (not no_rows)  # both right-aligned; width_m <= width
         window = np.where(inside, self._flat_tokens[gather], PAD_TOKEN)
         tokens = np.where(m, MASK_TOKEN, window)
         labels = np.where(m, window, PAD_TOKEN)
