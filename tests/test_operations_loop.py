@@ -34,7 +34,7 @@ SHIFTED = [
     {"days": 14, "new_items": 40, "new_item_share": 0.35, "popularity_rotation": 0.5, "category_rotation": 0.5,
      "device_mix": {"desktop": 0.85, "mobile": 0.05, "tablet": 0.05, "app": 0.05}},
 ]
-TRAINING = {"hidden": 32, "layers": 1, "heads": 2, "max_len": 12, "epochs": 4, "patience": 2}
+TRAINING = {"preset": "synthetic", "hidden": 32, "layers": 1, "heads": 2, "max_len": 12, "epochs": 4, "patience": 2}
 
 
 def _run_config(periods: list[dict[str, Any]], training: dict[str, Any] | None = None) -> dict[str, Any]:

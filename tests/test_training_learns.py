@@ -120,3 +120,53 @@ def test_asset_config_rejects_bad_overrides() -> None:
 
     with pytest.raises(ValueError, match="not valid JSON"):
         BERT4RecTrainingConfig(model_overrides_json="{oops").overrides()
+
+
+def test_auto_sizes_by_the_budget_searches_on_validation_and_refits_on_train_valid(tmp_path, monkeypatch) -> None:
+    """The default (preset auto): the client's network where the budget affords it, epochs chosen
+    on the tuning split, and the returned model refit on all but each user's last item."""
+    monkeypatch.setenv("RECSYS_HOME", str(tmp_path / "home"))
+    from recsys_assets.assets.training import BERT4RecTrainingConfig, bert4rec_model
+    from recsys_assets.bert4rec.sizing import CLIENT_NETWORK, MIN_EPOCHS
+    from recsys_assets.io_manager import TableRef
+
+    db = tmp_path / "warehouse.duckdb"
+    _warehouse(db)
+    refs = {name: TableRef(str(db), name) for name in ("tokenized_sequences", "item_vocabulary", "context_vocabulary")}
+    assert BERT4RecTrainingConfig().preset == "auto"
+    config = BERT4RecTrainingConfig(run_id="auto-run", budget_minutes=2.0, num_threads=1,
+                                    train_overrides_json=json.dumps({"checkpoint_every": None}))
+    out = bert4rec_model(build_asset_context(), config, **refs)
+    sizing = out["sizing"]
+    assert sizing["network"].startswith("client") and sizing["budget_seconds"] == 120.0
+    assert sizing["max_epochs"] >= MIN_EPOCHS and sizing["costs"][0]["affordable_epochs"] >= MIN_EPOCHS
+    assert sizing["profile"]["users"] == 120 and len(sizing["reasons"]) >= 2
+    assert {k: out["config"][k] for k in ("hidden", "layers", "heads", "max_len")} == {
+        k: CLIENT_NETWORK[k] for k in ("hidden", "layers", "heads", "max_len")}
+    model_dir = Path(out["path"])
+    search_log = json.loads((model_dir / "search" / "training_log.json").read_text())
+    assert all("valid_NDCG@10" in r for r in search_log) and len(search_log) <= sizing["max_epochs"]
+    best = max(search_log, key=lambda r: r["valid_NDCG@10"])["epoch"]
+    assert out["best_epoch"] == best
+    assert out["best_valid"]["NDCG@10"] == pytest.approx(max(r["valid_NDCG@10"] for r in search_log))
+    # the refit: train+valid, as many epochs as the search's best, no validation
+    assert out["fit"] == "train+valid" and out["epochs"] == best
+    refit_log = json.loads((model_dir / "training_log.json").read_text())
+    assert len(refit_log) == best and not any("valid_NDCG@10" in r for r in refit_log)
+    extra = json.loads((model_dir / "extra.json").read_text())
+    assert extra["fit"] == "train+valid" and extra["sizing"]["network"] == sizing["network"]
+    assert extra["search_best_epoch"] == best
+    assert json.loads((model_dir / "sizing.json").read_text())["network"] == sizing["network"]
+    json.dumps(out)
+
+
+def test_auto_falls_back_to_the_smallest_network_when_nothing_fits_and_says_so() -> None:
+    from recsys_assets.bert4rec.sizing import CANDIDATE_NETWORKS, choose_training
+
+    seqs = planted_sequences(60, seed=2)
+    data = SequenceData(user_ids=[str(i) for i in range(len(seqs))], tokens=seqs, vocab_size=N_ITEMS + FIRST)
+    decision = choose_training(data, budget_seconds=0.5, train_overrides={"num_threads": 1}, log=lambda _: None)
+    assert [c.network for c in decision.costs] == [name for name, *_ in CANDIDATE_NETWORKS]
+    assert decision.network == CANDIDATE_NETWORKS[-1][0] and decision.max_epochs == 1
+    assert any("no network affords" in r for r in decision.reasons)
+    assert all(c.step_seconds > 0 and c.refit_epoch_seconds >= round(c.step_seconds, 3) * 0.99 for c in decision.costs)

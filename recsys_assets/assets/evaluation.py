@@ -357,6 +357,7 @@ def evaluation_report(
         "model": model_config.model_dump(),
         "best_epoch": info.get("best_epoch"),
         "bert4rec_best_valid": info.get("best_valid"),
+        "sizing": info.get("sizing"),
         "baselines_valid": baselines.get("metrics"),
         "gate_tolerance": config.gate_tolerance,
         "champion": champion.get("version"),

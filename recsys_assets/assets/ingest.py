@@ -64,6 +64,8 @@ class RawEventsConfig(Config):
 
 
 SYNTHETIC_PERIODS_ENV = "RECSYS_SYNTHETIC_PERIODS"
+# raw_events' `source_kind` metadata: the generator's files or the user's (training budgets by it)
+GENERATOR_SOURCE, FILE_SOURCE = "built-in generator", "files"
 
 
 def synthetic_periods(config: RawEventsConfig) -> list[synthetic.PeriodShift]:
@@ -110,6 +112,7 @@ def _synthetic_source(config: RawEventsConfig, log) -> tuple[Path, str]:
 )
 def raw_events(context: AssetExecutionContext, config: RawEventsConfig, warehouse: WarehouseResource) -> TableQuery:
     fmt, path = config.resolved()
+    source_kind = GENERATOR_SOURCE if fmt == "synthetic" else FILE_SOURCE
     if fmt == "synthetic":
         source_dir, fmt = _synthetic_source(config, context.log)
         path = str(source_dir)
@@ -127,6 +130,7 @@ def raw_events(context: AssetExecutionContext, config: RawEventsConfig, warehous
                      f"{appended.duplicates:,} retried lines of an event already appended)")
     context.add_output_metadata(
         {
+            "source_kind": source_kind,
             "source_format": fmt,
             "source_path": path,
             "source_rows": rows,

@@ -2,16 +2,19 @@
 
 
 import json
+import os
 import time
 from typing import Any, Literal
 
-from dagster import AssetExecutionContext, Config, MetadataValue, asset
+from dagster import AssetExecutionContext, AssetKey, Config, MetadataValue, asset
 from pydantic import Field
 
+from recsys_assets.assets.ingest import GENERATOR_SOURCE
 from recsys_assets.assets.metadata import figure_markdown
 from recsys_assets.bert4rec.data import SequenceData
 from recsys_assets.bert4rec.model import load_model
 from recsys_assets.bert4rec.presets import PRESETS, build_configs
+from recsys_assets.bert4rec.sizing import train_sized
 from recsys_assets.bert4rec.train import TrainEvent, train
 from recsys_assets.config import models_dir
 from recsys_assets.k8s import TrainingLauncherSettings, train_on_kubernetes, training_pod_request
@@ -19,13 +22,27 @@ from recsys_serving.contract import EVENT_TYPE_TOKENS, TIME_OF_DAY_BUCKETS
 from recsys_assets.io_manager import TableRef
 
 
-class BERT4RecTrainingConfig(Config):
-    """Training knobs; anything left empty comes from the preset."""
+AUTO = "auto"
+BUDGET_ENV = "RECSYS_TRAINING_BUDGET_MINUTES"
+DEFAULT_BUDGET_MINUTES = 60.0
+# The built-in generator is a demo: `make run`'s whole graph stays within 5 minutes on 2 cores.
+GENERATOR_BUDGET_MINUTES = 3.0
 
-    preset: str = Field("synthetic", description=f"one of {sorted(PRESETS)}")
+
+class BERT4RecTrainingConfig(Config):
+    """Training knobs; anything left empty comes from the preset (or, for `auto`, from the sizing)."""
+
+    preset: str = Field(
+        AUTO, description=f"auto: network and epochs sized by the data and the time budget, then a refit on "
+        f"train+valid (recsys_assets/bert4rec/sizing.py); or a named preset, one of {sorted(PRESETS)}"
+    )
+    budget_minutes: float | None = Field(
+        None, gt=0, description=f"auto: the training time budget; default ${BUDGET_ENV}, else "
+        f"{DEFAULT_BUDGET_MINUTES:g} ({GENERATOR_BUDGET_MINUTES:g} on the built-in generator's data)"
+    )
     fit: Literal["train", "train+valid"] = Field(
-        "train", description="train: learn all but the last two items, early-stop on validation; "
-        "train+valid: learn all but the last item for a fixed number of epochs (final model)"
+        "train", description="named presets: train = learn all but the last two items, early-stop on validation; "
+        "train+valid = learn all but the last item for a fixed number of epochs. auto does both itself"
     )
     run_id: str = Field("", description="model directory name under $RECSYS_HOME/models (default: the Dagster run id)")
     epochs: int | None = Field(None, ge=1)
@@ -81,6 +98,22 @@ def _json_dict(text: str, name: str) -> dict[str, Any]:
     return value
 
 
+def training_budget(config: BERT4RecTrainingConfig, context: AssetExecutionContext) -> tuple[float, str]:
+    """-> (minutes, where that figure came from)."""
+    if config.budget_minutes is not None:
+        return config.budget_minutes, "run config budget_minutes"
+    if os.environ.get(BUDGET_ENV):
+        try:
+            return float(os.environ[BUDGET_ENV]), f"${BUDGET_ENV}"
+        except ValueError:
+            raise ValueError(f"{BUDGET_ENV}={os.environ[BUDGET_ENV]!r} is not a number of minutes") from None
+    event = context.instance.get_latest_materialization_event(AssetKey("raw_events"))
+    source = event.asset_materialization.metadata.get("source_kind") if event and event.asset_materialization else None
+    if source is not None and getattr(source, "value", None) == GENERATOR_SOURCE:
+        return GENERATOR_BUDGET_MINUTES, "the default for the built-in generator's data"
+    return DEFAULT_BUDGET_MINUTES, "the default"
+
+
 def context_sizes(context_vocabulary: TableRef) -> dict[str, int]:
     """Embedding table sizes from the vocabularies (token 0 = unknown counts)."""
     with context_vocabulary.connect(read_only=True) as con:
@@ -96,7 +129,7 @@ def context_sizes(context_vocabulary: TableRef) -> dict[str, int]:
     }
 
 
-def training_curve(log: list[dict[str, Any]]) -> Any:
+def training_curve(log: list[dict[str, Any]], title: str = "BERT4Rec training") -> Any:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -105,7 +138,7 @@ def training_curve(log: list[dict[str, Any]]) -> Any:
     fig, ax = plt.subplots(figsize=(7, 3.5))
     epochs = [r["epoch"] for r in log]
     ax.plot(epochs, [r["train_loss"] for r in log], color="tab:blue", marker="o", ms=3, label="train loss")
-    ax.set(xlabel="epoch", ylabel="train loss", title="BERT4Rec training")
+    ax.set(xlabel="epoch", ylabel="train loss", title=title)
     valid = [(r["epoch"], r["valid_NDCG@10"], r["valid_HR@10"]) for r in log if "valid_NDCG@10" in r]
     if valid:
         ax2 = ax.twinx()
@@ -133,21 +166,14 @@ def bert4rec_model(
 ) -> dict[str, Any]:
     data = SequenceData.from_duckdb(tokenized_sequences.database, tokenized_sequences.table, item_vocabulary.table)
     model_over, train_over = config.overrides()
-    model_cfg, train_cfg = build_configs(
-        config.preset, data.vocab_size, context_sizes(context_vocabulary), model_over, train_over
-    )
     run_id = config.run_id or context.run.run_id
-    launcher = TrainingLauncherSettings(**({"launcher": config.launcher} if config.launcher else {}))
-    pod = None
-    if launcher.launcher == "k8s":
-        pod = training_pod_request(
-            launcher, run_id=run_id, preset=config.preset, model_config=model_cfg, train_overrides=train_over
-        )
     out = models_dir() / run_id
-    context.log.info(
-        f"training {len(data)} sequences, vocab {data.vocab_size}, fit={train_cfg.fit} -> {out}\n"
-        f"model: {model_cfg.model_dump_json()}\ntrain: {train_cfg.model_dump_json()}"
-    )
+    launcher = TrainingLauncherSettings(**({"launcher": config.launcher} if config.launcher else {}))
+    preset = config.preset
+    if preset == AUTO and launcher.launcher == "k8s":
+        # sizing measures the machine it runs on, and this is not the GPU pod
+        preset = "default"
+        context.log.info("preset auto with the k8s launcher: the GPU pod trains the client's network (preset default)")
     started = time.perf_counter()
 
     def progress(event: TrainEvent) -> None:
@@ -161,22 +187,68 @@ def bert4rec_model(
                 + (f", {valid}" if valid else "")
             )
 
-    if pod is None:
-        result = train(model_cfg, train_cfg, data, out, progress=progress, extra={"run_id": run_id})
+    metadata: dict[str, Any] = {}
+    sizing: dict[str, Any] | None = None
+    if preset == AUTO:
+        if config.fit != "train":
+            raise ValueError("preset auto searches on validation and refits on train+valid itself; leave fit at its default")
+        train_over.pop("fit", None)
+        budget, budget_source = training_budget(config, context)
+        context.log.info(f"sizing {len(data)} sequences, vocab {data.vocab_size}, budget {budget:g} min ({budget_source}) -> {out}")
+        sized = train_sized(
+            data, out, budget * 60, model_over, train_over, progress=progress, log=context.log.info,
+            extra={"run_id": run_id}, context_sizes=context_sizes(context_vocabulary),
+        )
+        result, search = sized.final, sized.search
+        decision = sized.decision
+        sizing = json.loads(decision.model_dump_json())
+        metadata.update({
+            "sizing": MetadataValue.md("\n".join(f"- {r}" for r in decision.reasons)),
+            "sizing_network": decision.network,
+            "sizing_budget_minutes": float(budget),
+            "sizing_budget_source": budget_source,
+            "sizing_max_epochs": decision.max_epochs,
+            "sizing_probe_seconds": decision.probe_seconds,
+            "sizing_costs": MetadataValue.json([c.model_dump() for c in decision.costs]),
+            "search_epochs": search.epochs,
+        })
+        if search.log:
+            metadata["search_curve"] = figure_markdown(training_curve(search.log, "search (tuning split)"), "search curve")
+        best_valid, best_epoch = search.best_valid, search.best_epoch
+        train_cfg = result.train_config
     else:
-        result = train_on_kubernetes(context, launcher, pod, out)
+        model_cfg, train_cfg = build_configs(
+            preset, data.vocab_size, context_sizes(context_vocabulary), model_over, train_over
+        )
+        pod = None
+        if launcher.launcher == "k8s":
+            pod = training_pod_request(
+                launcher, run_id=run_id, preset=preset, model_config=model_cfg, train_overrides=train_over
+            )
+        context.log.info(
+            f"training {len(data)} sequences, vocab {data.vocab_size}, fit={train_cfg.fit} -> {out}\n"
+            f"model: {model_cfg.model_dump_json()}\ntrain: {train_cfg.model_dump_json()}"
+        )
+        if pod is None:
+            result = train(model_cfg, train_cfg, data, out, progress=progress, extra={"run_id": run_id})
+        else:
+            result = train_on_kubernetes(context, launcher, pod, out)
+        best_valid, best_epoch = result.best_valid, result.best_epoch
     total = time.perf_counter() - started
-    metadata: dict[str, Any] = {
+    metadata.update({
         "path": str(out),
+        "preset": preset,
         "fit": train_cfg.fit,
+        "network": f"{result.config.hidden} hidden, {result.config.layers} layers, {result.config.heads} heads, "
+        f"length {result.config.max_len}",
         "epochs": result.epochs,
-        "best_epoch": result.best_epoch if result.best_epoch is not None else -1,
+        "best_epoch": best_epoch if best_epoch is not None else -1,
         "seconds_per_epoch": round(result.seconds_per_epoch, 2),
         "seconds_total": round(total, 1),
         "parameters": sum(p.numel() for p in load_model(out)[0].parameters()),
-    }
-    if result.best_valid:
-        metadata.update({f"valid_{k}": float(v) for k, v in result.best_valid.items() if k in ("HR@10", "NDCG@10", "MRR")})
+    })
+    if best_valid:
+        metadata.update({f"valid_{k}": float(v) for k, v in best_valid.items() if k in ("HR@10", "NDCG@10", "MRR")})
     if result.log:
         metadata["training_curve"] = figure_markdown(training_curve(result.log), "training curve")
         metadata["training_log"] = MetadataValue.json(result.log)
@@ -186,11 +258,13 @@ def bert4rec_model(
         "run_id": run_id,
         "config": result.config.model_dump(),
         "train_config": json.loads(result.train_config.model_dump_json()),
-        "best_valid": result.best_valid,
-        "best_epoch": result.best_epoch,
+        "best_valid": best_valid,
+        "best_epoch": best_epoch,
         "epochs": result.epochs,
         "seconds_per_epoch": result.seconds_per_epoch,
         "fit": train_cfg.fit,
+        "preset": preset,
+        "sizing": sizing,
     }
 
 

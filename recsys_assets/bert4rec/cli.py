@@ -1,6 +1,7 @@
 """Command line training, also the entry point for ``torchrun`` (DDP: gloo on CPU, NCCL on GPU).
 
     python -m recsys_assets.bert4rec.cli --data .recsys/warehouse.duckdb --preset synthetic
+    python -m recsys_assets.bert4rec.cli --data Beauty.txt --preset auto --budget-minutes 60 --out /tmp/auto
     torchrun --nproc_per_node 2 -m recsys_assets.bert4rec.cli --data Beauty.txt --preset beauty \\
         --set train.batching.batch_size=256 --out /tmp/beauty
 """
@@ -17,6 +18,7 @@ from typing import Any, Sequence
 from recsys_assets.bert4rec.data import SequenceData
 from recsys_assets.bert4rec.distributed import init_distributed, shutdown
 from recsys_assets.bert4rec.presets import PRESETS, build_configs
+from recsys_assets.bert4rec.sizing import train_sized
 from recsys_assets.bert4rec.train import TrainEvent, evaluate, train
 
 
@@ -85,7 +87,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Train BERT4Rec (single process or under torchrun).")
     parser.add_argument("--data", required=True, help="warehouse .duckdb or SASRec-style .txt")
     parser.add_argument("--table", default="tokenized_sequences")
-    parser.add_argument("--preset", default="default", choices=sorted(PRESETS))
+    parser.add_argument("--preset", default="default", choices=["auto", *sorted(PRESETS)],
+                        help="auto: network and epochs sized by the data and --budget-minutes, then a refit on "
+                        "train+valid (one process only)")
+    parser.add_argument("--budget-minutes", type=float, default=60.0, help="--preset auto: the time budget")
     parser.add_argument("--out", required=True, help="model directory (checkpoints, weights, training_log.json)")
     parser.add_argument("--fit", choices=["train", "train+valid"], default=None)
     parser.add_argument("--epochs", type=int, default=None)
@@ -105,9 +110,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     ctx = init_distributed(train_over.get("device", "auto"))
     try:
         data = load_data(args.data, args.table)
-        model_cfg, train_cfg = build_configs(args.preset, data.vocab_size, data.context_sizes(), model_over, train_over)
         started = time.perf_counter()
-        result = train(model_cfg, train_cfg, data, args.out, progress=TqdmProgress(ctx.is_main))
+        if args.preset == "auto":
+            if ctx.enabled:
+                raise SystemExit("--preset auto measures one process; under torchrun choose a named preset")
+            if "fit" in train_over:
+                raise SystemExit("--preset auto searches on validation and refits on train+valid itself; drop --fit")
+            result = train_sized(data, args.out, args.budget_minutes * 60, model_over, train_over,
+                                 progress=TqdmProgress(True)).final
+            train_cfg = result.train_config
+        else:
+            model_cfg, train_cfg = build_configs(args.preset, data.vocab_size, data.context_sizes(), model_over, train_over)
+            result = train(model_cfg, train_cfg, data, args.out, progress=TqdmProgress(ctx.is_main))
         summary: dict[str, Any] = {
             "path": result.path,
             "fit": train_cfg.fit,

@@ -378,6 +378,15 @@ def render_html(doc: Mapping[str, Any], images: Mapping[str, Path]) -> str:
         parts.append(f"<h2>Gate: <span class='{cls}'>{'passed' if gate.get('passed') else 'failed'}</span></h2><ul>")
         parts += [f"<li>{html.escape(r)}</li>" for r in gate.get("reasons", [])]
         parts.append("</ul>")
+    sizing = cfg.get("sizing")
+    if sizing:
+        parts.append("<h2>How the model was sized</h2><p>The network and the number of epochs were chosen from "
+                     f"the data and a training budget of {float(sizing.get('budget_seconds', 0)) / 60:g} minutes "
+                     f"(network: <b>{html.escape(str(sizing.get('network')))}</b>):</p><ul>")
+        parts += [f"<li>{html.escape(str(r))}</li>" for r in sizing.get("reasons", [])]
+        best = cfg.get("best_epoch")
+        parts.append(f"<li>Validation chose {html.escape(str(best))} epoch(s); the evaluated model was then trained "
+                     "again from scratch for that many epochs on all but each user's last item.</li></ul>")
     champion = doc.get("champion")
     if champion:
         parts.append("<h2>Champion</h2>")

@@ -1,0 +1,266 @@
+"""Training sized by the data: the network and the number of epochs chosen from the data and a
+time budget, then the final model refit on everything but each user's last item.
+
+1. Profile the data (users, items, interactions, history lengths).
+2. Measure, on this machine and this data, what an epoch costs for each candidate network, largest
+   (the client's 256/4/8/50) first, and take the first that affords `MIN_EPOCHS` epochs of search
+   plus as many of refit within the budget. Measured rather than modelled: the cost of a step
+   depends on the device, the catalogue (full softmax) and the history lengths.
+3. Search: train on the `tuning` split (`recsys_assets.data.split`: no test item anywhere, and the
+   latest input item of each validated user is one its training data never had, as at test time),
+   validate every epoch, stop when NDCG@10 stops improving or at the cap the budget affords.
+4. Refit: train from scratch on `train+valid` (all but each user's last item) for the search's best
+   number of epochs. This is the model that is evaluated on test, gated and served.
+
+Plain PyTorch, no Dagster: the asset and the CLI call :func:`train_sized`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel, Field
+
+from recsys_assets.bert4rec.data import ExampleIndex, SequenceData
+from recsys_assets.bert4rec.model import BERT4RecConfig
+from recsys_assets.bert4rec.presets import (
+    CLIENT_NETWORK,
+    NEXT_ITEM_RECIPE,
+    SMALL_NETWORK,
+    SMALL_NEXT_ITEM_RECIPE,
+    Preset,
+    build_configs,
+    merge_overrides,
+)
+from recsys_assets.bert4rec.train import ProgressCallback, TrainConfig, TrainEvent, TrainResult, evaluate, train
+from recsys_assets.data.split import EvalSet, FitSplit
+
+# (name, network, recipe), largest first; the first the budget affords is trained.
+CANDIDATE_NETWORKS: tuple[tuple[str, dict[str, Any], dict[str, Any]], ...] = (
+    ("client (256 hidden, 4 layers, 8 heads, length 50)", CLIENT_NETWORK, NEXT_ITEM_RECIPE),
+    ("256 hidden, 2 layers, 8 heads, length 50", {**CLIENT_NETWORK, "layers": 2}, NEXT_ITEM_RECIPE),
+    ("128 hidden, 2 layers, 4 heads, length 50", {**CLIENT_NETWORK, "hidden": 128, "layers": 2, "heads": 4},
+     NEXT_ITEM_RECIPE),
+    ("64 hidden, 1 layer, 2 heads, length 50", SMALL_NETWORK, SMALL_NEXT_ITEM_RECIPE),
+)
+MIN_EPOCHS = 3  # fewer affordable epochs than this: a smaller network
+MAX_EPOCHS = 30  # the cap when the budget affords more; early stopping ends sooner
+PATIENCE = 2  # validations without NDCG@10 gain before the search stops
+SAMPLED_SOFTMAX_ITEMS = 200_000  # larger catalogues: sampled softmax (logQ-corrected) instead of full
+BUDGET_SHARE_PLANNED = 0.9  # the rest absorbs what the probe does not see (checkpoints, slower epochs)
+PROBE_STEPS = 6  # optimizer steps timed per candidate (the first 2 are warm-up, not counted)
+PROBE_EVAL_USERS = 512  # validation users scored to time an evaluation
+
+
+class DataProfile(BaseModel):
+    users: int
+    items: int
+    interactions: int
+    median_length: float
+    p90_length: float
+
+    @classmethod
+    def of(cls, data: SequenceData) -> "DataProfile":
+        lengths = np.fromiter((len(t) for t in data.tokens), dtype=np.int64, count=len(data.tokens))
+        items = int(np.unique(np.concatenate(data.tokens)).size) if len(data.tokens) else 0
+        return cls(
+            users=len(data), items=items, interactions=int(lengths.sum()),
+            median_length=float(np.median(lengths)) if lengths.size else 0.0,
+            p90_length=float(np.percentile(lengths, 90)) if lengths.size else 0.0,
+        )
+
+
+class NetworkCost(BaseModel):
+    """What one candidate costs here, measured."""
+
+    network: str
+    parameters_hidden_layers_heads: tuple[int, int, int]
+    step_seconds: float
+    search_epoch_seconds: float = Field(description="search steps + one validation")
+    refit_epoch_seconds: float
+    affordable_epochs: int = Field(description="search + refit epoch pairs that fit in what was left of the budget")
+
+
+class SizingDecision(BaseModel):
+    """What was chosen and why (Dagster metadata, the report, `sizing.json`)."""
+
+    budget_seconds: float
+    profile: DataProfile
+    network: str
+    model_overrides: dict[str, Any]
+    train_overrides: dict[str, Any]
+    max_epochs: int
+    costs: list[NetworkCost]
+    probe_seconds: float
+    reasons: list[str]
+
+
+@dataclass
+class SizedResult:
+    decision: SizingDecision
+    search: TrainResult  # the validated run (tuning split): its curve and best epoch
+    final: TrainResult  # the refit (train+valid): the model that is evaluated and served
+    seconds_total: float
+
+
+def _recipe_preset(network: dict[str, Any], recipe: dict[str, Any]) -> Preset:
+    return Preset(name="auto", description="sized by the data", model=network, train=recipe)
+
+
+def _eval_sample(valid: EvalSet, n: int) -> EvalSet:
+    rows = slice(0, min(n, len(valid)))
+    return EvalSet(
+        split=valid.split, user_ids=valid.user_ids[rows], histories=valid.histories[rows],
+        targets=valid.targets[rows], source_rows=valid.source_rows[rows],
+        context={k: v[rows] for k, v in valid.context.items()},
+    )
+
+
+def measure_network(
+    model_cfg: BERT4RecConfig, train_cfg: TrainConfig, search: FitSplit, refit: FitSplit, workdir: Path,
+    seconds_left: float = math.inf,
+) -> tuple[float, float, float]:
+    """-> (seconds per optimizer step, seconds per search epoch, seconds per refit epoch), from
+    `PROBE_STEPS` real steps of `train()` on the search data and one timed validation sample (not
+    timed when the steps of `MIN_EPOCHS` epochs alone exceed `seconds_left`)."""
+    stamps: list[float] = []
+
+    def on_step(event: TrainEvent) -> None:
+        if event.kind == "step":
+            stamps.append(time.perf_counter())
+
+    probe_cfg = train_cfg.model_copy(
+        update={"epochs": 1, "max_steps": PROBE_STEPS, "checkpoint_every": None, "resume": False}
+    )
+    t0 = time.perf_counter()
+    result = train(model_cfg, probe_cfg, replace(search, valid=None), workdir, progress=on_step)
+    gaps = np.diff(stamps)
+    if len(gaps) >= 4:
+        step_s = float(statistics.median(gaps[2:]))
+    else:  # a tiny data set: fewer steps than the probe, setup included
+        step_s = (stamps[-1] - t0) / max(1, len(stamps)) if stamps else time.perf_counter() - t0
+    batch = train_cfg.batching.batch_size
+
+    def steps(split: FitSplit) -> int:
+        return math.ceil(ExampleIndex(split.sequences, train_cfg.batching, model_cfg.max_len).examples_per_epoch() / batch)
+
+    search_steps, refit_steps = steps(search), steps(refit)
+    eval_s = 0.0
+    affordable_without_eval = MIN_EPOCHS * (search_steps + refit_steps) * step_s <= seconds_left
+    if search.valid is not None and len(search.valid) and affordable_without_eval:
+        from recsys_assets.bert4rec.model import load_model
+
+        model, cfg = load_model(result.path)
+        sample = _eval_sample(search.valid, PROBE_EVAL_USERS)
+        t0 = time.perf_counter()
+        evaluate(model, sample, cfg.max_len, train_cfg.eval_batch_size)
+        eval_s = (time.perf_counter() - t0) * len(search.valid) / len(sample)
+    return step_s, search_steps * step_s + eval_s, refit_steps * step_s
+
+
+def choose_training(
+    data: SequenceData,
+    budget_seconds: float,
+    model_overrides: dict[str, Any] | None = None,
+    train_overrides: dict[str, Any] | None = None,
+    log: Any = print,
+    context_sizes: dict[str, int] | None = None,
+) -> SizingDecision:
+    """Measures the candidates (largest first) and returns the first the budget affords."""
+    started = time.perf_counter()
+    sizes = context_sizes or data.context_sizes()
+    profile = DataProfile.of(data)
+    train_over = dict(train_overrides or {})
+    reasons = [
+        f"data: {profile.users:,} users, {profile.items:,} items, {profile.interactions:,} interactions, "
+        f"median history {profile.median_length:g} (90th percentile {profile.p90_length:g})"
+    ]
+    if profile.items > SAMPLED_SOFTMAX_ITEMS and "loss" not in train_over:
+        train_over["loss"] = "sampled"
+        reasons.append(f"{profile.items:,} items > {SAMPLED_SOFTMAX_ITEMS:,}: sampled softmax with logQ correction")
+    search, refit = data.tuning_split(), data.split("train+valid")
+    costs: list[NetworkCost] = []
+    chosen: tuple[str, dict[str, Any], dict[str, Any], int] | None = None
+    with tempfile.TemporaryDirectory(prefix="recsys-sizing-") as tmp:
+        for i, (name, network, recipe) in enumerate(CANDIDATE_NETWORKS):
+            model_cfg, train_cfg = build_configs(
+                _recipe_preset(network, recipe), data.vocab_size, sizes, model_overrides, train_over
+            )
+            left = budget_seconds - (time.perf_counter() - started)
+            step_s, search_s, refit_s = measure_network(model_cfg, train_cfg, search, refit, Path(tmp) / str(i), left)
+            left = (budget_seconds - (time.perf_counter() - started)) * BUDGET_SHARE_PLANNED
+            affordable = int(left // (search_s + refit_s)) if search_s + refit_s > 0 else MAX_EPOCHS
+            costs.append(NetworkCost(
+                network=name, parameters_hidden_layers_heads=(model_cfg.hidden, model_cfg.layers, model_cfg.heads),
+                step_seconds=round(step_s, 4), search_epoch_seconds=round(search_s, 3),
+                refit_epoch_seconds=round(refit_s, 3), affordable_epochs=affordable,
+            ))
+            log(f"sizing: {name}: {step_s * 1000:.0f} ms per step, {search_s:.0f} s per search epoch, "
+                f"{refit_s:.0f} s per refit epoch -> {affordable} epochs affordable")
+            if affordable >= MIN_EPOCHS:
+                chosen = (name, network, recipe, affordable)
+                break
+    if chosen is None:
+        name, network, recipe = CANDIDATE_NETWORKS[-1]
+        chosen = (name, network, recipe, max(1, costs[-1].affordable_epochs))
+        reasons.append(f"no network affords {MIN_EPOCHS} epochs in {budget_seconds:.0f} s: the smallest, "
+                       f"for {chosen[3]} epoch(s)")
+    name, network, recipe, affordable = chosen
+    max_epochs = min(MAX_EPOCHS, affordable)
+    skipped = [c.network for c in costs[:-1]]
+    if skipped:
+        reasons.append(f"not {', '.join(skipped)}: fewer than {MIN_EPOCHS} search + refit epochs fit the budget")
+    reasons.append(
+        f"{name}: {costs[-1].search_epoch_seconds:.0f} s per search epoch, {costs[-1].refit_epoch_seconds:.0f} s per "
+        f"refit epoch on this machine; up to {max_epochs} epochs"
+        + (f" (the cap; the budget affords {affordable})" if affordable > MAX_EPOCHS else " (what the budget affords)")
+        + f", early stop after {PATIENCE} validations without NDCG@10 gain"
+    )
+    train_over = merge_overrides({**recipe, "epochs": max_epochs, "patience": PATIENCE}, train_over)
+    return SizingDecision(
+        budget_seconds=budget_seconds, profile=profile, network=name,
+        model_overrides={**network, **(model_overrides or {})}, train_overrides=train_over, max_epochs=max_epochs,
+        costs=costs, probe_seconds=round(time.perf_counter() - started, 1), reasons=reasons,
+    )
+
+
+def train_sized(
+    data: SequenceData,
+    out_dir: str | Path,
+    budget_seconds: float,
+    model_overrides: dict[str, Any] | None = None,
+    train_overrides: dict[str, Any] | None = None,
+    progress: ProgressCallback | None = None,
+    log: Any = print,
+    extra: dict[str, Any] | None = None,
+    context_sizes: dict[str, int] | None = None,
+) -> SizedResult:
+    """Chooses (:func:`choose_training`), searches on the tuning split into ``out_dir/search``, then
+    refits on train+valid into ``out_dir`` for the best number of epochs; writes ``sizing.json``."""
+    started = time.perf_counter()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    sizes = context_sizes or data.context_sizes()
+    decision = choose_training(data, budget_seconds, model_overrides, train_overrides, log, sizes)
+    for reason in decision.reasons:
+        log(f"sizing: {reason}")
+    preset = _recipe_preset(decision.model_overrides, decision.train_overrides)
+    model_cfg, search_cfg = build_configs(preset, data.vocab_size, sizes, None, {"fit": "train"})
+    search = train(model_cfg, search_cfg, data.tuning_split(), out / "search", progress=progress)
+    epochs = search.best_epoch or search.epochs
+    log(f"sizing: search stopped after {search.epochs} epoch(s), best {epochs}; refit on train+valid for {epochs}")
+    _, refit_cfg = build_configs(preset, data.vocab_size, sizes, None,
+                                 {"fit": "train+valid", "epochs": epochs, "patience": None})
+    info = {"sizing": json.loads(decision.model_dump_json()), "search_best_epoch": search.best_epoch,
+            "search_best_valid": search.best_valid, **(extra or {})}
+    final = train(model_cfg, refit_cfg, data, out, progress=progress, extra=info)
+    (out / "sizing.json").write_text(decision.model_dump_json(indent=2))
+    return SizedResult(decision=decision, search=search, final=final, seconds_total=time.perf_counter() - started)
