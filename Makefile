@@ -61,8 +61,11 @@ system-deps:
 
 ## The Dagster UI on http://127.0.0.1:3000: webserver + daemon, which runs the schedules and sensors
 ## (on by default; README "Automation") while it is up.
+## The Dagster UI on :3000, and the reports (evaluation, drift) on :3001, where its report links point.
 ui: venv dagster-home
-	$(BIN)/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000
+	mkdir -p "$(RECSYS_HOME)/reports"
+	$(BIN)/python -m http.server 3001 --bind 127.0.0.1 --directory "$(RECSYS_HOME)/reports" >/dev/null 2>&1 & \
+	  trap "kill $$!" EXIT; $(BIN)/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000
 
 ## Serve the promoted bundle ($$RECSYS_HOME/bundles/current) with BentoML on http://127.0.0.1:3100
 ## (PORT=... to change; 3000 is the Dagster UI's, so both can run at once).

@@ -224,7 +224,20 @@ def test_write_report_and_latest(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     assert set(paths.plots) == {"metrics", "slices", "training"}
     page = paths.report_html.read_text()
     assert page.count("data:image/png;base64,") == 3 and "Relative lift" in page
-    assert "<h2>Champion</h2>" in page and "v7" in page and "<h3>Slices: champion (full)</h3>" in page
+    assert "<h2>Champion</h2>" in page and "v7" in page
+    # Summary first, in words: who was compared, who won by how much, what the gate decided.
+    summary = page.split("<h2>Summary</h2>", 1)[1].split("</p>", 1)[0]
+    assert page.index("<h2>Summary</h2>") < page.index("<h2>Gate")
+    assert "BERT4Rec was compared with" in summary and "item-kNN collaborative filtering" in summary
+    best = max(("champion", "popularity", "item_knn"), key=lambda m: saved["models"][m]["full"]["NDCG@10"])
+    rel = saved["lift"][best]["full"]["NDCG@10"]["relative"]
+    assert f"{rel:+.1%}" in summary and "The evaluation gate passed" in summary
+    # One slice table, a column per model, intervals; the metric definitions; raw config folded away.
+    assert page.count("NDCG@10 by slice") == 2  # the plot's heading and the table's
+    assert all(f"<th>{m} NDCG@10</th>" in page for m in saved["slices"])
+    slice_ci = saved["slices"]["bert4rec"]["full"]["history_length"]
+    assert all(v["ci"]["NDCG@10"][0] <= v["NDCG@10"] <= v["ci"]["NDCG@10"][1] for v in slice_ci.values())
+    assert "<dt><b>NDCG@K</b></dt>" in page and "<details><summary>Configuration (raw)</summary>" in page
     ranks = np.load(paths.run_dir / "ranks.npz")
     assert np.array_equal(ranks["bert4rec/full"], results["bert4rec"].ranks["full"])
     latest = tmp_path / "reports" / "evaluation" / "latest"

@@ -134,11 +134,11 @@ def test_auto_sizes_by_the_budget_searches_on_validation_and_refits_on_train_val
     _warehouse(db)
     refs = {name: TableRef(str(db), name) for name in ("tokenized_sequences", "item_vocabulary", "context_vocabulary")}
     assert BERT4RecTrainingConfig().preset == "auto"
-    config = BERT4RecTrainingConfig(run_id="auto-run", budget_minutes=2.0, num_threads=1,
+    config = BERT4RecTrainingConfig(run_id="auto-run", budget_minutes=10.0, num_threads=1,
                                     train_overrides_json=json.dumps({"checkpoint_every": None}))
     out = bert4rec_model(build_asset_context(), config, **refs)
     sizing = out["sizing"]
-    assert sizing["network"].startswith("client") and sizing["budget_seconds"] == 120.0
+    assert sizing["network"].startswith("client") and sizing["budget_seconds"] == 600.0
     assert sizing["max_epochs"] >= MIN_EPOCHS and sizing["costs"][0]["affordable_epochs"] >= MIN_EPOCHS
     assert sizing["profile"]["users"] == 120 and len(sizing["reasons"]) >= 2
     assert {k: out["config"][k] for k in ("hidden", "layers", "heads", "max_len")} == {
@@ -170,3 +170,22 @@ def test_auto_falls_back_to_the_smallest_network_when_nothing_fits_and_says_so()
     assert decision.network == CANDIDATE_NETWORKS[-1][0] and decision.max_epochs == 1
     assert any("no network affords" in r for r in decision.reasons)
     assert all(c.step_seconds > 0 and c.refit_epoch_seconds >= round(c.step_seconds, 3) * 0.99 for c in decision.costs)
+
+
+def test_a_time_budget_stops_training_after_the_epoch_it_names(tmp_path) -> None:
+    """`stop_after_epoch` (what the sizing's deadline uses) ends the run after that epoch, with the
+    best model so far, as early stopping does."""
+    seqs = planted_sequences(80, seed=3)
+    data = SequenceData([f"u{i}" for i in range(len(seqs))], seqs, vocab_size=N_ITEMS + FIRST)
+    model_cfg = BERT4RecConfig(vocab_size=data.vocab_size, hidden=16, layers=1, heads=2, max_len=8)
+    cfg = TrainConfig(fit="train", epochs=6, num_threads=1, checkpoint_every=None, patience=None,
+                      batching=BatchingConfig(batch_size=64))
+    asked: list[int] = []
+
+    def stop(log: list[dict]) -> bool:
+        asked.append(len(log))
+        assert all("seconds" in r and "valid_NDCG@10" in r for r in log)
+        return len(log) == 2
+
+    result = train(model_cfg, cfg, data, tmp_path / "model", stop_after_epoch=stop)
+    assert asked == [1, 2] and result.epochs == 2 and result.best_epoch in (1, 2)

@@ -23,7 +23,8 @@ from pydantic import Field
 
 from recsys_serving.bundle import BundleRefused
 from recsys_serving.contract import CURRENT_BUNDLE, FIRST_ITEM_TOKEN
-from recsys_assets.config import bundles_dir
+from recsys_assets.assets.ingest import latest_source, source_name
+from recsys_assets.config import bundles_dir, report_url
 from recsys_assets.evaluation.baselines import BASELINES, fit_baselines
 from recsys_assets.evaluation.bundle_scorer import BundleScorer
 from recsys_assets.evaluation.metrics import DEFAULT_KS
@@ -47,10 +48,12 @@ from recsys_assets.evaluation.protocol import (
 from recsys_assets.evaluation.report import (
     BASELINE_NAMES,
     CHAMPION_NAME,
+    HEADLINE_METRICS,
     MODEL_NAME,
     gate_decision,
     gate_passes,
     headline_markdown,
+    summary_sentences,
     write_report,
 )
 from recsys_assets.export.bundle import current_version
@@ -80,7 +83,7 @@ class EvaluationConfig(_EvalKnobs):
     fit: Literal["", "train", "train+valid"] = Field(
         "", description="'train' or 'train+valid'; default (and required): the fit the model was trained on"
     )
-    dataset_name: str = Field("", description="shown in the report; default: the warehouse file name")
+    dataset_name: str = Field("", description="shown in the report; default: the source raw_events read (file name or the generator)")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="'auto', 'cpu' or 'cuda'")
     model_batch_size: int = Field(512, ge=1, description="users per BERT4Rec forward pass")
     gate_tolerance: float = Field(
@@ -125,6 +128,25 @@ def load_context_values(context_vocabulary: TableRef) -> dict[str, dict[int, str
     out: dict[str, dict[int, str]] = {}
     for row in context_vocabulary.to_polars(["kind", "value", "token"]).iter_rows():
         out.setdefault(str(row[0]), {})[int(row[2])] = str(row[1])
+    return out
+
+
+# eval-set context field -> (context_vocabulary kind, slice name)
+CONTEXT_SLICES: dict[str, tuple[str, str]] = {"devices": ("device", "device"), "segments": ("segment", "segment")}
+
+
+def context_slice_labels(eval_set: EvalSet, context_values: dict[str, dict[int, str]]) -> dict[str, np.ndarray]:
+    """{slice: label per user} from the request context at each target (its last context entry):
+    the device and segment names; only fields the data has more than one value of."""
+    out: dict[str, np.ndarray] = {}
+    for field, (kind, name) in CONTEXT_SLICES.items():
+        values = eval_set.context.get(field)
+        if not values:
+            continue
+        names = context_values.get(kind, {})
+        labels = np.array([names.get(int(v[-1]), "unknown") if len(v) else "unknown" for v in values], dtype=object)
+        if len(set(labels.tolist())) > 1:
+            out[name] = labels
     return out
 
 
@@ -229,6 +251,7 @@ def score_champion(
     counts: np.ndarray,
     categories: np.ndarray,
     protocols: list[str],
+    context_labels: dict[str, np.ndarray] | None = None,
 ) -> tuple[EvaluationResult | None, dict[str, Any]]:
     """The served bundle (bundles/current) scored on the challenger's eval set with the same
     negatives and bootstrap, and what the report records about it. A champion that does not load
@@ -248,7 +271,7 @@ def score_champion(
     try:
         result = evaluate(
             scorer.scorer(item_ids, context_values), eval_set, counts, config.ks, protocols, config.batch_size,
-            config.seed, config.n_bootstrap, categories, negatives,
+            config.seed, config.n_bootstrap, categories, negatives, context_labels,
         )
     except Exception as exc:  # noqa: BLE001 - ONNX Runtime raises its own types; any failure is the champion's
         reason = f"scoring failed: {type(exc).__name__}: {exc}"
@@ -317,13 +340,15 @@ def evaluation_report(
     scorers.update({name: as_scorer(m) for name, m in models.items()})
     context.log.info(f"evaluating {list(scorers)} on {len(eval_set):,} users ({config.split}, fit {fit}, {device})")
     protocols = _protocols(context, config.protocols, eval_set, counts)
+    context_values = load_context_values(context_vocabulary)
+    context_labels = context_slice_labels(eval_set, context_values)
     scored = evaluate_many(
         scorers, eval_set, counts, config.ks, protocols, config.batch_size, config.seed,
-        config.n_bootstrap, categories,
+        config.n_bootstrap, categories, context_labels,
     )
     champion_result, champion = score_champion(
-        context, config, eval_set, load_item_ids(item_vocabulary), load_context_values(context_vocabulary),
-        counts, categories, protocols,
+        context, config, eval_set, load_item_ids(item_vocabulary), context_values,
+        counts, categories, protocols, context_labels,
     )
     results = {MODEL_NAME: scored.pop(MODEL_NAME)}
     if champion_result is not None:
@@ -332,7 +357,7 @@ def evaluation_report(
 
     db = Path(tokenized_sequences.database)
     dataset = {
-        "name": config.dataset_name or db.stem,
+        "name": config.dataset_name or source_name(latest_source(context.instance)) or db.stem,
         "warehouse": str(db),
         "table": tokenized_sequences.table,
         "fingerprint": eval_set_fingerprint(eval_set),
@@ -378,6 +403,8 @@ def evaluation_report(
     gate = doc["gate"]
     (context.log.info if gate["passed"] else context.log.warning)(f"gate {'passed' if gate['passed'] else 'failed'}: {gate['reasons']}")
     metadata: dict[str, Any] = {
+        "summary": MetadataValue.md(" ".join(summary_sentences(doc))),
+        "report_url": MetadataValue.url(report_url(paths.report_html)),
         "headline": MetadataValue.md(headline_markdown(doc)),
         "gate_passed": gate["passed"],
         "gate_reasons": MetadataValue.md("\n".join(f"- {r}" for r in gate["reasons"])),
@@ -390,12 +417,18 @@ def evaluation_report(
             if champion.get("version") else "none promoted"
         ),
     }
-    # Challenger and champion on the same data, numeric so the UI plots them across runs.
-    for name, prefix in ((MODEL_NAME, "challenger"), (CHAMPION_NAME, "champion")):
-        full = doc["models"].get(name, {}).get("full", {})
-        for metric in ("NDCG@10", "HR@10"):
-            if full.get(metric) is not None:
-                metadata[f"{prefix}_{metric.lower().replace('@', '')}"] = MetadataValue.float(float(full[metric]))
+    # Every model's headline figures (the challenger and the champion under those names) and
+    # BERT4Rec's lifts, numeric: the UI charts them across retrains.
+    prefixes = {MODEL_NAME: "challenger", CHAMPION_NAME: "champion"}
+    for name, per_protocol in doc["models"].items():
+        for metric, value in per_protocol.get("full", {}).items():
+            if metric in HEADLINE_METRICS and value is not None:
+                metadata[f"{prefixes.get(name, name)}_{_key(metric)}"] = MetadataValue.float(float(value))
+    for other, per_protocol in doc["lift"].items():
+        for metric in ("HR@10", "NDCG@10"):
+            rel = per_protocol.get("full", {}).get(metric, {}).get("relative")
+            if rel is not None:
+                metadata[f"lift_{_key(metric)}_vs_{other}"] = MetadataValue.float(float(rel))
     for key, path in paths.plots.items():
         metadata[f"plot_{key}"] = _png_markdown(path, key)
     context.add_output_metadata(metadata)
@@ -421,11 +454,28 @@ def evaluation_report(
 )
 def evaluation_gate(context: AssetCheckExecutionContext, evaluation_report: dict[str, Any]) -> AssetCheckResult:
     gate = evaluation_report.get("gate") or {}
+    metadata: dict[str, Any] = {"reasons": MetadataValue.md("\n".join(f"- {r}" for r in gate.get("reasons", [])))}
+    # the figures the verdict rests on: the challenger, the best baseline, the champion and the margin
+    full = {name: per_p.get("full", {}) for name, per_p in (evaluation_report.get("metrics") or {}).items()}
+    baselines = {n: v.get("NDCG@10") for n, v in full.items() if n in BASELINE_NAMES and v.get("NDCG@10") is not None}
+    if baselines:
+        best = max(baselines, key=lambda n: baselines[n])
+        metadata["best_baseline"] = best
+        metadata["best_baseline_ndcg10"] = MetadataValue.float(float(baselines[best]))
+    for key in ("challenger", "champion", "threshold", "margin"):
+        if gate.get(key) is not None:
+            metadata[f"{key}_ndcg10" if key in ("challenger", "champion") else key] = MetadataValue.float(float(gate[key]))
+    if gate.get("tolerance") is not None:
+        metadata["tolerance"] = MetadataValue.float(float(gate["tolerance"]))
     return AssetCheckResult(
         passed=bool(gate.get("passed")),
         severity=AssetCheckSeverity.WARN,  # a failed gate blocks promotion (model_bundle), not the run
-        metadata={"reasons": MetadataValue.md("\n".join(f"- {r}" for r in gate.get("reasons", [])))},
+        metadata=metadata,
     )
+
+
+def _key(metric: str) -> str:
+    return metric.lower().replace("@", "")
 
 
 assets = [baselines, evaluation_report]

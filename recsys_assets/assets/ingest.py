@@ -9,6 +9,8 @@ from typing import Literal, get_args
 import duckdb
 from dagster import (
     AssetCheckExecutionContext,
+    AssetKey,
+    DagsterInstance,
     AssetCheckResult,
     AssetExecutionContext,
     Config,
@@ -66,6 +68,24 @@ class RawEventsConfig(Config):
 SYNTHETIC_PERIODS_ENV = "RECSYS_SYNTHETIC_PERIODS"
 # raw_events' `source_kind` metadata: the generator's files or the user's (training budgets by it)
 GENERATOR_SOURCE, FILE_SOURCE = "built-in generator", "files"
+
+
+def latest_source(instance: DagsterInstance) -> tuple[str, str] | None:
+    """(source_kind, source_path) of the latest raw_events materialization, None before the first."""
+    event = instance.get_latest_materialization_event(AssetKey("raw_events"))
+    metadata = event.asset_materialization.metadata if event and event.asset_materialization else {}
+    kind, path = metadata.get("source_kind"), metadata.get("source_path")
+    if kind is None:
+        return None
+    return str(getattr(kind, "value", kind)), str(getattr(path, "value", path) or "")
+
+
+def source_name(source: tuple[str, str] | None) -> str | None:
+    """How a report names the data: the generator, or the source file or directory's name."""
+    if source is None:
+        return None
+    kind, path = source
+    return "the built-in generator's data" if kind == GENERATOR_SOURCE else (Path(path).name or path)
 
 
 def synthetic_periods(config: RawEventsConfig) -> list[synthetic.PeriodShift]:

@@ -6,10 +6,10 @@ import os
 import time
 from typing import Any, Literal
 
-from dagster import AssetExecutionContext, AssetKey, Config, MetadataValue, asset
+from dagster import AssetExecutionContext, Config, MetadataValue, asset
 from pydantic import Field
 
-from recsys_assets.assets.ingest import GENERATOR_SOURCE
+from recsys_assets.assets.ingest import GENERATOR_SOURCE, latest_source
 from recsys_assets.assets.metadata import figure_markdown
 from recsys_assets.bert4rec.data import SequenceData
 from recsys_assets.bert4rec.model import load_model
@@ -107,9 +107,8 @@ def training_budget(config: BERT4RecTrainingConfig, context: AssetExecutionConte
             return float(os.environ[BUDGET_ENV]), f"${BUDGET_ENV}"
         except ValueError:
             raise ValueError(f"{BUDGET_ENV}={os.environ[BUDGET_ENV]!r} is not a number of minutes") from None
-    event = context.instance.get_latest_materialization_event(AssetKey("raw_events"))
-    source = event.asset_materialization.metadata.get("source_kind") if event and event.asset_materialization else None
-    if source is not None and getattr(source, "value", None) == GENERATOR_SOURCE:
+    source = latest_source(context.instance)
+    if source is not None and source[0] == GENERATOR_SOURCE:
         return GENERATOR_BUDGET_MINUTES, "the default for the built-in generator's data"
     return DEFAULT_BUDGET_MINUTES, "the default"
 

@@ -84,6 +84,8 @@ class NetworkCost(BaseModel):
     network: str
     parameters_hidden_layers_heads: tuple[int, int, int]
     step_seconds: float
+    search_steps: int = Field(description="optimizer steps of one search epoch")
+    refit_steps: int = Field(description="optimizer steps of one refit epoch")
     search_epoch_seconds: float = Field(description="search steps + one validation")
     refit_epoch_seconds: float
     affordable_epochs: int = Field(description="search + refit epoch pairs that fit in what was left of the budget")
@@ -124,13 +126,28 @@ def _eval_sample(valid: EvalSet, n: int) -> EvalSet:
     )
 
 
+def _probe_split(search: FitSplit, train_cfg: TrainConfig, max_len: int, seed: int = 0) -> FitSplit:
+    """Random users with about `PROBE_STEPS` batches of examples: one epoch of them spans the data's
+    history lengths (the first batches of a length-bucketed epoch are its shortest)."""
+    order = np.random.default_rng(seed).permutation(len(search.sequences))
+    index = ExampleIndex([search.sequences[i] for i in order], train_cfg.batching, max_len)
+    per_user = np.bincount(index.seq_idx, minlength=len(order))  # examples of each user, in `order`
+    want = PROBE_STEPS * train_cfg.batching.batch_size
+    keep = order[: int(np.searchsorted(np.cumsum(per_user), want)) + 1]
+    return FitSplit(
+        fit=search.fit, sequences=[search.sequences[i] for i in keep],
+        contexts={k: [v[i] for i in keep] for k, v in search.contexts.items()},
+        valid=None, test=search.test, item_counts=search.item_counts,
+    )
+
+
 def measure_network(
     model_cfg: BERT4RecConfig, train_cfg: TrainConfig, search: FitSplit, refit: FitSplit, workdir: Path,
     seconds_left: float = math.inf,
-) -> tuple[float, float, float]:
-    """-> (seconds per optimizer step, seconds per search epoch, seconds per refit epoch), from
-    `PROBE_STEPS` real steps of `train()` on the search data and one timed validation sample (not
-    timed when the steps of `MIN_EPOCHS` epochs alone exceed `seconds_left`)."""
+) -> tuple[float, int, int, float]:
+    """-> (seconds per optimizer step, steps per search epoch, steps per refit epoch, seconds per
+    validation), from `PROBE_STEPS` real steps of `train()` over random users and one timed
+    validation sample (not timed when the steps of `MIN_EPOCHS` epochs alone exceed `seconds_left`)."""
     stamps: list[float] = []
 
     def on_step(event: TrainEvent) -> None:
@@ -141,12 +158,9 @@ def measure_network(
         update={"epochs": 1, "max_steps": PROBE_STEPS, "checkpoint_every": None, "resume": False}
     )
     t0 = time.perf_counter()
-    result = train(model_cfg, probe_cfg, replace(search, valid=None), workdir, progress=on_step)
-    gaps = np.diff(stamps)
-    if len(gaps) >= 4:
-        step_s = float(statistics.median(gaps[2:]))
-    else:  # a tiny data set: fewer steps than the probe, setup included
-        step_s = (stamps[-1] - t0) / max(1, len(stamps)) if stamps else time.perf_counter() - t0
+    result = train(model_cfg, probe_cfg, _probe_split(search, train_cfg, model_cfg.max_len), workdir, progress=on_step)
+    gaps = np.diff(stamps)  # the first step (warm-up) has no gap
+    step_s = float(np.mean(gaps)) if len(gaps) else time.perf_counter() - t0
     batch = train_cfg.batching.batch_size
 
     def steps(split: FitSplit) -> int:
@@ -163,7 +177,7 @@ def measure_network(
         t0 = time.perf_counter()
         evaluate(model, sample, cfg.max_len, train_cfg.eval_batch_size)
         eval_s = (time.perf_counter() - t0) * len(search.valid) / len(sample)
-    return step_s, search_steps * step_s + eval_s, refit_steps * step_s
+    return step_s, search_steps, refit_steps, eval_s
 
 
 def choose_training(
@@ -195,12 +209,15 @@ def choose_training(
                 _recipe_preset(network, recipe), data.vocab_size, sizes, model_overrides, train_over
             )
             left = budget_seconds - (time.perf_counter() - started)
-            step_s, search_s, refit_s = measure_network(model_cfg, train_cfg, search, refit, Path(tmp) / str(i), left)
+            step_s, search_steps, refit_steps, eval_s = measure_network(
+                model_cfg, train_cfg, search, refit, Path(tmp) / str(i), left)
+            search_s, refit_s = search_steps * step_s + eval_s, refit_steps * step_s
             left = (budget_seconds - (time.perf_counter() - started)) * BUDGET_SHARE_PLANNED
             affordable = int(left // (search_s + refit_s)) if search_s + refit_s > 0 else MAX_EPOCHS
             costs.append(NetworkCost(
                 network=name, parameters_hidden_layers_heads=(model_cfg.hidden, model_cfg.layers, model_cfg.heads),
-                step_seconds=round(step_s, 4), search_epoch_seconds=round(search_s, 3),
+                step_seconds=round(step_s, 4), search_steps=search_steps, refit_steps=refit_steps,
+                search_epoch_seconds=round(search_s, 3),
                 refit_epoch_seconds=round(refit_s, 3), affordable_epochs=affordable,
             ))
             log(f"sizing: {name}: {step_s * 1000:.0f} ms per step, {search_s:.0f} s per search epoch, "
@@ -254,7 +271,24 @@ def train_sized(
         log(f"sizing: {reason}")
     preset = _recipe_preset(decision.model_overrides, decision.train_overrides)
     model_cfg, search_cfg = build_configs(preset, data.vocab_size, sizes, None, {"fit": "train"})
-    search = train(model_cfg, search_cfg, data.tuning_split(), out / "search", progress=progress)
+    cost = decision.costs[-1]
+    deadline = started + budget_seconds
+
+    def out_of_time(log_so_far: list[dict[str, Any]]) -> bool:
+        """Stop the search when one more epoch plus the refit it could call for would end past the
+        budget; measured epoch times replace the probe's estimate."""
+        train_s = float(np.mean([r["seconds"] for r in log_so_far]))
+        eval_s = float(np.mean([r.get("eval_seconds", 0.0) for r in log_so_far]))
+        refit_epoch_s = train_s * cost.refit_steps / max(1, cost.search_steps)
+        needed = train_s + eval_s + refit_epoch_s * (len(log_so_far) + 1)
+        if time.perf_counter() + needed > deadline:
+            log(f"sizing: the search stops after epoch {len(log_so_far)}: another epoch and its refit "
+                f"({needed:.0f} s) would end past the budget")
+            return True
+        return False
+
+    search = train(model_cfg, search_cfg, data.tuning_split(), out / "search", progress=progress,
+                   stop_after_epoch=out_of_time)
     epochs = search.best_epoch or search.epochs
     log(f"sizing: search stopped after {search.epochs} epoch(s), best {epochs}; refit on train+valid for {epochs}")
     _, refit_cfg = build_configs(preset, data.vocab_size, sizes, None,

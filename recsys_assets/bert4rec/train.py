@@ -412,10 +412,13 @@ def train(
     out_dir: str | Path,
     progress: ProgressCallback | None = None,
     extra: dict[str, Any] | None = None,
+    stop_after_epoch: Callable[[list[dict[str, Any]]], bool] | None = None,
 ) -> TrainResult:
     """Trains, checkpoints into ``out_dir/checkpoints`` and writes the final (best on validation,
     else last) model to ``out_dir`` with ``training_log.json``. Resumes from the latest checkpoint
-    in ``out_dir`` when ``cfg.resume``. Under torchrun, call after ``init_distributed``."""
+    in ``out_dir`` when ``cfg.resume``. Under torchrun, call after ``init_distributed``.
+    ``stop_after_epoch(log)``, if given, is asked after each epoch whether to stop there (a time
+    budget); it must answer the same on every rank."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     ctx = current_context(_pick_device(cfg.device))
@@ -518,6 +521,8 @@ def train(
                 break
         record = _end_epoch(model, state, valid, cfg, model_config, ctx, optimizer, out)
         _emit(progress, TrainEvent("epoch", record["epoch"], state.global_step, total_steps, record=record))
+        if stop_after_epoch is not None and not state.stopped and stop_after_epoch(state.log):
+            state.stopped = True
         checkpoint()
     if ctx.is_main:
         result = _finish(model, model_config, cfg, state, out, split, extra)

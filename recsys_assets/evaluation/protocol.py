@@ -16,7 +16,9 @@ drawn by popularity (never the user's own items), the same negatives for every m
 Slices: history length (1-3, 4-10, 11+ items before the target); target popularity (head: the
 most interacted-with items that together make the first 50% of interactions, torso: the next
 items up to 80%, tail: the rest, from the counts passed as ``item_counts``); target category
-where the vocabulary knows it (the 8 most frequent among targets, the rest as ``other``).
+where the vocabulary knows it (the 8 most frequent among targets, the rest as ``other``); the
+request context (device, segment) where the caller passes it as ``context_labels``. Each slice has
+95% bootstrap intervals of its `SLICE_CI_METRICS` over its users.
 """
 
 from __future__ import annotations
@@ -194,12 +196,20 @@ class EvaluationResult:
         }
 
 
-def _slice_metrics(ranks: np.ndarray, labels: np.ndarray, ks: Sequence[int], order: Sequence[str]) -> dict:
-    out: dict[str, dict[str, float]] = {}
+SLICE_CI_METRICS: tuple[str, ...] = ("HR@10", "NDCG@10")
+SLICE_BOOTSTRAP = 200  # resamples per slice (fewer than the headline's: many slices, small ones)
+
+
+def _slice_metrics(
+    ranks: np.ndarray, labels: np.ndarray, ks: Sequence[int], order: Sequence[str], seed: int = 0
+) -> dict:
+    out: dict[str, dict[str, Any]] = {}
     for name in order:
         mask = labels == name
         if mask.any():
-            out[name] = {"n_users": int(mask.sum()), **ranking_metrics(ranks[mask], ks)}
+            per_user = {m: v for m, v in per_user_metrics(ranks[mask], ks).items() if m in SLICE_CI_METRICS}
+            ci = {m: list(v) for m, v in bootstrap_ci(per_user, SLICE_BOOTSTRAP, seed).items()} if per_user else {}
+            out[name] = {"n_users": int(mask.sum()), **ranking_metrics(ranks[mask], ks), "ci": ci}
     return out
 
 
@@ -239,10 +249,12 @@ def evaluate(
     n_bootstrap: int = 1000,
     item_categories: np.ndarray | None = None,
     negatives: Mapping[int, np.ndarray] | None = None,
+    context_labels: Mapping[str, np.ndarray] | None = None,
 ) -> EvaluationResult:
     """Score every user once per batch and rank the target under each protocol.
 
     item_counts[token]: interaction counts (popularity negatives and popularity slices).
+    context_labels: optional {slice kind: label per eval-set user} (device, segment).
     negatives: optional precomputed {n: [users, n]} (see `sample_negatives_for`) so several models
     share one draw; drawn here from `seed` otherwise (deterministic, so still shared).
     """
@@ -286,6 +298,11 @@ def evaluate(
     if cats is not None:
         names = sorted(set(cats.tolist()) - {"other", "unknown"}) + ["other", "unknown"]
         slice_labels["category"] = (cats, names)
+    for kind, labels in (context_labels or {}).items():
+        labels = np.asarray(labels, dtype=object)
+        if labels.shape != (len(eval_set),):
+            raise ValueError(f"context_labels[{kind!r}] has shape {labels.shape}, expected ({len(eval_set)},)")
+        slice_labels[kind] = (labels, sorted(set(labels.tolist())))
 
     ks = tuple(int(k) for k in ks)
     # One bootstrap over every (protocol, metric) column: the resampling is the costly part.
@@ -298,7 +315,7 @@ def evaluate(
         metrics={p: ranking_metrics(r, ks) for p, r in all_ranks.items()},
         ci={p: {m: intervals[(p, m)] for (q, m) in stacked if q == p} for p in all_ranks},
         slices={
-            p: {kind: _slice_metrics(r, labels, ks, order) for kind, (labels, order) in slice_labels.items()}
+            p: {kind: _slice_metrics(r, labels, ks, order, seed) for kind, (labels, order) in slice_labels.items()}
             for p, r in all_ranks.items()
         },
     )
@@ -314,6 +331,7 @@ def evaluate_many(
     seed: int = 0,
     n_bootstrap: int = 1000,
     item_categories: np.ndarray | None = None,
+    context_labels: Mapping[str, np.ndarray] | None = None,
 ) -> dict[str, EvaluationResult]:
     """Evaluate several models on one eval set with one shared draw of sampled negatives."""
     negs = {
@@ -323,7 +341,8 @@ def evaluate_many(
     }
     return {
         name: evaluate(
-            scorer, eval_set, item_counts, ks, protocols, batch_size, seed, n_bootstrap, item_categories, negs
+            scorer, eval_set, item_counts, ks, protocols, batch_size, seed, n_bootstrap, item_categories, negs,
+            context_labels,
         )
         for name, scorer in scorers.items()
     }

@@ -247,14 +247,16 @@ def plot_training_curve(records: Sequence[Mapping[str, Any]], path: Path) -> Pat
         ax.plot(epochs, [r.get("train_loss", np.nan) for r in rows], color="tab:gray", label="train loss")
         ax.set_ylabel("train loss")
     valid_keys = [k for k in ("valid_NDCG@10", "valid_HR@10", "valid_MRR") if any(k in r for r in rows)]
+    handles, labels = ax.get_legend_handles_labels()
     if valid_keys:
         ax2 = ax.twinx()
         for key in valid_keys:
             ax2.plot(epochs, [r.get(key, np.nan) for r in rows], marker=".", label=key.replace("valid_", "valid "))
         ax2.set_ylabel("validation metric")
-        ax2.legend(loc="center right", fontsize=8)
+        more = ax2.get_legend_handles_labels()
+        handles, labels = handles + more[0], labels + more[1]
     ax.set_xlabel("epoch")
-    ax.legend(loc="upper right", fontsize=8)
+    fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=8, frameon=False)
     ax.set_title("Training curve")
     return _save(fig, path)
 
@@ -277,7 +279,7 @@ def plot_model_metrics(doc: Mapping[str, Any], path: Path, metrics: Sequence[str
             ax.bar(x + (i - (len(models) - 1) / 2) * width, heights, width, yerr=err, capsize=2, label=name)
         ax.set_xticks(x, list(metrics))
         ax.set_title(f"{protocol} ranking")
-        ax.legend(fontsize=8)
+    _legend_below(fig, axes[0][0], len(models))
     return _save(fig, path)
 
 
@@ -300,14 +302,22 @@ def plot_slices(doc: Mapping[str, Any], path: Path, protocol: str = "full", metr
             sl = doc["slices"][m].get(protocol, {}).get(kind, {})
             ax.bar(x + (i - (len(models) - 1) / 2) * width, [sl.get(s, {}).get(metric) or 0.0 for s in names], width, label=m)
         n_users = doc["slices"][models[0]].get(protocol, {}).get(kind, {})
-        ax.set_xticks(x, [f"{s}\n(n={n_users.get(s, {}).get('n_users', 0)})" for s in names], fontsize=8)
+        many = len(names) > 4
+        ax.set_xticks(x, [f"{s}\n(n={n_users.get(s, {}).get('n_users', 0)})" for s in names], fontsize=7 if many else 8,
+                      rotation=35 if many else 0, ha="right" if many else "center")
         ax.set_title(f"{metric} by {kind.replace('_', ' ')} ({protocol})")
-        ax.legend(fontsize=7)
+    _legend_below(fig, axes[0][0], len(models))
     return _save(fig, path)
 
 
+def _legend_below(fig: Any, ax: Any, n: int) -> None:
+    """One legend for the figure, under the panels, so it never covers a bar."""
+    handles, labels = ax.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(n, 6), fontsize=8, frameon=False)
+
+
 def _save(fig: Any, path: Path) -> Path:
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.1 if fig.legends else 0, 1, 1))
     fig.savefig(path, format="png", dpi=110)
     plt.close(fig)
     return path
@@ -353,6 +363,83 @@ def headline_markdown(doc: Mapping[str, Any], metrics: Sequence[str] = HEADLINE_
     return "\n".join(lines)
 
 
+MODEL_LABELS: dict[str, str] = {
+    MODEL_NAME: "BERT4Rec", CHAMPION_NAME: "the served model (champion)", "popularity": "popularity",
+    "item_knn": "item-kNN collaborative filtering", "last_item": "the last-item transition baseline",
+}
+METRIC_DEFINITIONS: tuple[tuple[str, str], ...] = (
+    ("HR@K (hit rate)", "the share of users whose held-out item is among the model's top K."),
+    ("NDCG@K", "like HR@K, but a hit at rank r counts 1 / log2(r + 1): a hit at rank 1 counts 1, at rank 10 "
+               "about 0.29. The headline metric, and the one the gate compares."),
+    ("MRR", "the mean of 1 / rank of the held-out item over all users (ranked against every item)."),
+    ("full / sampled_pop<n>", "full ranks the held-out item against every item of the catalogue; sampled_pop<n> "
+                              "only against n items drawn by popularity, which is easier and ranks models differently."),
+    ("95% interval", "from resampling the users 1,000 times (bootstrap): the range the figure would move in "
+                     "with another sample of users of the same kind."),
+    ("lift", "the relative difference of BERT4Rec's figure from another model's (+25% = a quarter higher)."),
+)
+
+
+def summary_sentences(doc: Mapping[str, Any], metric: str = "NDCG@10") -> list[str]:
+    """The report's opening in plain language: what was compared, who won by how much, the gate."""
+    models = doc.get("models", {})
+    full = {name: per_p.get("full", {}) for name, per_p in models.items() if per_p.get("full")}
+    ds, cfg = doc.get("dataset", {}), doc.get("config", {})
+    others = [n for n in full if n != MODEL_NAME]
+    n_users = ds.get("n_users_evaluated") or doc.get("n_users", {}).get(MODEL_NAME)
+    held_out = {"test": "last", "valid": "second-to-last"}.get(str(cfg.get("split")), "held-out")
+    users = f"{n_users:,} users" if isinstance(n_users, int) else "the users"
+    out = [
+        f"BERT4Rec was compared with {', '.join(MODEL_LABELS.get(n, n) for n in others)} on the {held_out} item of "
+        f"{users} of {ds.get('name', 'the data')}, each item ranked against the whole catalogue."
+    ]
+    ours = full.get(MODEL_NAME, {}).get(metric)
+    rivals = [(n, full[n].get(metric)) for n in others if full[n].get(metric) is not None]
+    if ours is not None and rivals:
+        best, value = max(rivals, key=lambda r: r[1])
+        lift = doc.get("lift", {}).get(best, {}).get("full", {}).get(metric, {})
+        ci = lift.get("ci") or [None, None]
+        rel = lift.get("relative")
+        interval = f" (95% interval {ci[0]:+.1%} to {ci[1]:+.1%})" if None not in ci else ""
+        if rel is not None:
+            verdict = "ahead of" if rel > 0 else "behind"
+            out.append(f"On {metric}, BERT4Rec scores {ours:.4f} against {value:.4f} for the best other model, "
+                       f"{MODEL_LABELS.get(best, best)}: {rel:+.1%}{interval}, so BERT4Rec is {verdict} it.")
+        hr = [(n, full[n].get("HR@10")) for n in others if full[n].get("HR@10") is not None]
+        if full.get(MODEL_NAME, {}).get("HR@10") is not None and hr:
+            hbest, hval = max(hr, key=lambda r: r[1])
+            out.append(f"On HR@10: {full[MODEL_NAME]['HR@10']:.4f} against {hval:.4f} ({MODEL_LABELS.get(hbest, hbest)}).")
+    gate = doc.get("gate")
+    if gate:
+        if gate.get("passed"):
+            out.append("The evaluation gate passed: this model may be promoted and served.")
+        else:
+            failing = [r for r in gate.get("reasons", []) if r.startswith(("does not", "below", "no ", "baseline "))
+                       and not r.startswith("no champion promoted yet")]
+            out.append("The evaluation gate failed, so this model is not promoted: "
+                       + ("; ".join(failing) if failing else "; ".join(gate.get("reasons", []))) + ".")
+    return out
+
+
+def _slice_table(doc: Mapping[str, Any], protocol: str = "full", metric: str = "NDCG@10") -> str:
+    """Every slice of every kind in one table, one column per model: metric [95% interval]."""
+    models = [m for m in doc.get("slices", {}) if doc["slices"][m].get(protocol)]
+    if not models:
+        return ""
+    first = doc["slices"][models[0]][protocol]
+    rows = []
+    for kind, per_slice in first.items():
+        for name, values in per_slice.items():
+            row: list[Any] = [kind.replace("_", " "), name, values.get("n_users")]
+            for m in models:
+                v = doc["slices"][m][protocol].get(kind, {}).get(name, {})
+                ci = (v.get("ci") or {}).get(metric)
+                row.append(f"{v[metric]:.4f} [{ci[0]:.4f}, {ci[1]:.4f}]" if v.get(metric) is not None and ci
+                           else v.get(metric))
+            rows.append(row)
+    return _table(["slice", "value", "users", *[f"{m} {metric}" for m in models]], rows)
+
+
 def render_html(doc: Mapping[str, Any], images: Mapping[str, Path]) -> str:
     """A single self-contained page: tables plus the plots as inline base64 PNG."""
     cfg, ds = doc.get("config", {}), doc.get("dataset", {})
@@ -364,6 +451,7 @@ def render_html(doc: Mapping[str, Any], images: Mapping[str, Path]) -> str:
         "text-align:right}th{background:#f3f3f3}td:first-child,td:nth-child(2){text-align:left}"
         "img{max-width:100%}.pass{color:#070}.fail{color:#a00}</style></head><body>",
         f"<h1>Evaluation report <small>{html.escape(str(doc.get('run_id')))}</small></h1>",
+        "<h2>Summary</h2><p class='summary'>" + " ".join(html.escape(x) for x in summary_sentences(doc)) + "</p>",
         f"<p>Created {html.escape(str(doc.get('created_at')))}. Dataset: <b>{html.escape(str(ds.get('name', '?')))}</b>. "
         f"Split: <b>{html.escape(str(cfg.get('split', '?')))}</b>. Fit data: <b>{html.escape(str(cfg.get('fit', '?')))}</b> "
         f"({html.escape(str(cfg.get('fit_description', '')))}); models and baselines learn from the same data.</p>",
@@ -424,15 +512,17 @@ def render_html(doc: Mapping[str, Any], images: Mapping[str, Path]) -> str:
         if key in images:
             data = base64.b64encode(Path(images[key]).read_bytes()).decode()
             parts.append(f"<h2>{title}</h2><img alt='{key}' src='data:image/png;base64,{data}'>")
-    for name, per_p in doc.get("slices", {}).items():
-        for protocol, per_kind in per_p.items():
-            if protocol != "full":
-                continue
-            rows = [[kind, s, v.get("n_users"), v.get("HR@10"), v.get("NDCG@10"), v.get("MRR")]
-                    for kind, sl in per_kind.items() for s, v in sl.items()]
-            parts.append(f"<h3>Slices: {html.escape(name)} ({protocol})</h3>")
-            parts.append(_table(["slice", "value", "users", "HR@10", "NDCG@10", "MRR"], rows))
-    parts.append("<h2>Configuration</h2><pre>" + html.escape(json.dumps({"dataset": ds, "config": cfg}, indent=2)) + "</pre>")
+    table = _slice_table(doc)
+    if table:
+        parts.append("<h2>NDCG@10 by slice (full ranking, 95% intervals)</h2><p>History length: items before the "
+                     "held-out one. Popularity: head = the most interacted-with items making the first 50% of "
+                     "interactions, torso = up to 80%, tail = the rest. Device and segment: the request's.</p>")
+        parts.append(table)
+    parts.append("<h2>What the figures mean</h2><dl>")
+    parts += [f"<dt><b>{html.escape(t)}</b></dt><dd>{html.escape(d)}</dd>" for t, d in METRIC_DEFINITIONS]
+    parts.append("</dl>")
+    parts.append("<details><summary>Configuration (raw)</summary><pre>"
+                 + html.escape(json.dumps({"dataset": ds, "config": cfg}, indent=2)) + "</pre></details>")
     parts.append("</body></html>")
     return "\n".join(parts)
 
