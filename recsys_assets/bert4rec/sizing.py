@@ -56,7 +56,7 @@ MAX_EPOCHS = 30  # the cap when the budget affords more; early stopping ends soo
 PATIENCE = 2  # validations without NDCG@10 gain before the search stops
 SAMPLED_SOFTMAX_ITEMS = 200_000  # larger catalogues: sampled softmax (logQ-corrected) instead of full
 BUDGET_SHARE_PLANNED = 0.9  # the rest absorbs what the probe does not see (checkpoints, slower epochs)
-PROBE_STEPS = 6  # optimizer steps timed per candidate (the first 2 are warm-up, not counted)
+PROBE_STEPS = 6  # batches of the probe's users, trained twice, the second time timed
 PROBE_EVAL_USERS = 512  # validation users scored to time an evaluation
 
 
@@ -141,12 +141,33 @@ def _probe_split(search: FitSplit, train_cfg: TrainConfig, max_len: int, seed: i
     )
 
 
+def _padded_lengths(split: FitSplit, train_cfg: TrainConfig, max_len: int) -> np.ndarray:
+    """The padded length of every batch of one epoch, in training order (what `train()` builds)."""
+    index = ExampleIndex(split.sequences, train_cfg.batching, max_len)
+    return np.asarray([int(index.window_len[ids].max()) for ids in index.epoch_batches(train_cfg.seed, 0)])
+
+
+def _step_cost_model(lengths: np.ndarray, seconds: np.ndarray, fallback: float) -> tuple[float, float]:
+    """Least squares a + b x length >= 0 (hand-written: two coefficients, numpy's lstsq and a clamp)."""
+    n = min(len(lengths), len(seconds))
+    if n == 0:
+        return fallback, 0.0
+    x, y = np.asarray(lengths[:n], dtype=np.float64), np.asarray(seconds[:n], dtype=np.float64)
+    if n < 2 or np.ptp(x) == 0:
+        return float(y.mean()), 0.0
+    b, a = np.linalg.lstsq(np.stack([x, np.ones(n)], axis=1), y, rcond=None)[0]
+    if a < 0 or b < 0:  # noise on few points: the proportional model through the mean instead
+        return (0.0, float(y.sum() / x.sum())) if a < 0 else (float(y.mean()), 0.0)
+    return float(a), float(b)
+
+
 def measure_network(
     model_cfg: BERT4RecConfig, train_cfg: TrainConfig, search: FitSplit, refit: FitSplit, workdir: Path,
     seconds_left: float = math.inf,
 ) -> tuple[float, int, int, float]:
     """-> (seconds per optimizer step, steps per search epoch, steps per refit epoch, seconds per
-    validation), from `PROBE_STEPS` real steps of `train()` over random users and one timed
+    validation), from `train()` over about `PROBE_STEPS` batches of random users (run twice, the second
+    timed) and one timed
     validation sample (not timed when the steps of `MIN_EPOCHS` epochs alone exceed `seconds_left`)."""
     stamps: list[float] = []
 
@@ -154,17 +175,23 @@ def measure_network(
         if event.kind == "step":
             stamps.append(time.perf_counter())
 
-    probe_cfg = train_cfg.model_copy(
-        update={"epochs": 1, "max_steps": PROBE_STEPS, "checkpoint_every": None, "resume": False}
-    )
+    # The same batches twice, the second run timed: the first pays what a real run pays once per
+    # batch shape (oneDNN primitives, allocations).
+    probe_cfg = train_cfg.model_copy(update={"epochs": 1, "checkpoint_every": None, "resume": False})
+    probe = _probe_split(search, train_cfg, model_cfg.max_len)
     t0 = time.perf_counter()
-    result = train(model_cfg, probe_cfg, _probe_split(search, train_cfg, model_cfg.max_len), workdir, progress=on_step)
-    gaps = np.diff(stamps)  # the first step (warm-up) has no gap
-    step_s = float(np.mean(gaps)) if len(gaps) else time.perf_counter() - t0
-    batch = train_cfg.batching.batch_size
+    train(model_cfg, probe_cfg, probe, workdir / "warm-up")
+    result = train(model_cfg, probe_cfg, probe, workdir / "timed", progress=on_step)
+    # A step costs a + b x (its batch's padded length): the item softmax and the optimizer do not
+    # grow with the length, the encoder does. Fitted on the probe's steps (whose batches are
+    # bucketed more coarsely than a long epoch's), applied to the real epoch's batches.
+    probe_lengths = _padded_lengths(probe, train_cfg, model_cfg.max_len)[1: len(stamps)]
+    gaps = np.diff(stamps)
+    a, b = _step_cost_model(probe_lengths, gaps, fallback=time.perf_counter() - t0)
+    step_s = a + b * float(np.mean(_padded_lengths(search, train_cfg, model_cfg.max_len)))
 
     def steps(split: FitSplit) -> int:
-        return math.ceil(ExampleIndex(split.sequences, train_cfg.batching, model_cfg.max_len).examples_per_epoch() / batch)
+        return len(_padded_lengths(split, train_cfg, model_cfg.max_len))
 
     search_steps, refit_steps = steps(search), steps(refit)
     eval_s = 0.0
