@@ -21,6 +21,7 @@ import httpx
 import torch
 from prometheus_client.parser import text_string_to_metric_families
 
+from _local import free_port  # noqa: F401 - the harness's users import it from here
 from recsys_assets.bert4rec.model import BERT4Rec, BERT4RecConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -158,12 +159,6 @@ class SilentServer:
         self.socket.close()
         for conn in self.connections:
             conn.close()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # The write token of every Server whose env does not set RECSYS_WRITE_TOKENS itself.

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 from safetensors.torch import load_file
 
+from _local import free_port, write_sasrec_sequences
 from recsys_assets.bert4rec.cli import main as cli_main
 
 ARGS = [
@@ -25,26 +24,14 @@ ARGS = [
 ]
 
 
-def _write_data(path: Path) -> None:
-    rng = np.random.default_rng(0)
-    lines = [" ".join(map(str, [u + 1, *rng.integers(1, 40, size=int(rng.integers(3, 10)))])) for u in range(60)]
-    path.write_text("\n".join(lines) + "\n")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_gloo_processes_match_one_process(tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("RECSYS_HOME", str(tmp_path / "home"))
     data = tmp_path / "seq.txt"
-    _write_data(data)
+    write_sasrec_sequences(data, 60)
     env = {**os.environ, "RECSYS_HOME": str(tmp_path / "home"), "OMP_NUM_THREADS": "1"}
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-        "--master_port", str(_free_port()), "-m", "recsys_assets.bert4rec.cli",
+        "--master_port", str(free_port()), "-m", "recsys_assets.bert4rec.cli",
         "--data", str(data), "--out", str(tmp_path / "ddp"), *ARGS,
     ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=Path(__file__).parent.parent)

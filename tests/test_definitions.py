@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -12,6 +11,8 @@ from pathlib import Path
 
 import httpx
 import pytest
+
+from _local import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 DATA_ASSETS = {
@@ -97,19 +98,13 @@ def test_selections_that_split_the_cleaning_multi_asset_resolve(query: str) -> N
         }
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.timeout(180)
 def test_webserver_lists_assets_over_graphql(tmp_path: Path) -> None:
     home = tmp_path / "dagster"
     home.mkdir()
     shutil.copy(REPO / "dagster.yaml", home / "dagster.yaml")
     env = {**os.environ, "DAGSTER_HOME": str(home), "RECSYS_HOME": str(tmp_path / "recsys")}
-    port = _free_port()
+    port = free_port()
     webserver = Path(sys.executable).parent / "dagster-webserver"
     proc = subprocess.Popen(
         [str(webserver), "-w", str(REPO / "workspace.yaml"), "-h", "127.0.0.1", "-p", str(port)],

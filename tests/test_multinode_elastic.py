@@ -14,12 +14,12 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import psutil
 import torch
 import yaml
 from safetensors.torch import load_file
 
+from _local import free_port, write_sasrec_sequences
 from recsys_assets.bert4rec.cli import main as cli_main
 
 REPO = Path(__file__).resolve().parent.parent
@@ -71,18 +71,6 @@ def _node_command(port: int, data: Path, out: Path) -> list[str]:
             *TRAINING_ARGS]
 
 
-def _write_data(path: Path) -> None:
-    rng = np.random.default_rng(0)
-    lines = [" ".join(map(str, [u + 1, *rng.integers(1, 40, size=int(rng.integers(3, 10)))])) for u in range(200)]
-    path.write_text("\n".join(lines) + "\n")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _wait_listening(port: int, node: subprocess.Popen, log: Path, timeout_s: float = 60) -> None:
     deadline = time.monotonic() + timeout_s
     while True:
@@ -121,9 +109,9 @@ def _kill_node(node: subprocess.Popen) -> None:
 def test_a_killed_node_rejoins_and_the_run_resumes_from_the_checkpoint(tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("RECSYS_HOME", str(tmp_path / "home"))
     data, out = tmp_path / "seq.txt", tmp_path / "shared" / "multinode"
-    _write_data(data)
+    write_sasrec_sequences(data, 200)
     env = {**os.environ, **_manifest_env(), "RECSYS_HOME": str(tmp_path / "home"), "OMP_NUM_THREADS": "1"}
-    port = _free_port()
+    port = free_port()
     cmd = _node_command(port, data, out)
     nodes = [_start(cmd, env, tmp_path / "node0.log")]
     try:
