@@ -19,10 +19,9 @@ from __future__ import annotations
 
 import json
 import math
-import statistics
 import tempfile
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
