@@ -31,7 +31,7 @@ run: venv dagster-home
 	$(BIN)/python -m recsys_assets.summary
 
 ## The test suite (installs what it needs; redis-server for the Redis online-store tests and PostgreSQL
-## for the Dagster-on-Postgres test where apt-get can, checkov in .venv-tools).
+## for the Dagster-on-Postgres test where apt-get can, chromium for the in-browser checks, checkov in .venv-tools).
 test: venv tools system-deps
 	$(BIN)/python -m pytest -q tests
 
@@ -54,6 +54,10 @@ system-deps:
 	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postgresql >/dev/null) \
 	  || echo "postgresql not installed: the Dagster-on-Postgres test will be skipped"; }
+	@{ command -v chromium || command -v chromium-browser; } >/dev/null || \
+	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null) \
+	  || echo "chromium not installed: the in-browser checks of the report and the Dagster UI will be skipped"; }
 	@{ command -v promtool && command -v prometheus-pushgateway && command -v amtool; } >/dev/null || \
 	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus prometheus-pushgateway prometheus-alertmanager >/dev/null) \

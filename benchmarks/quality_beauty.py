@@ -57,7 +57,7 @@ def evaluate_scores(scores_iter, eval_set: EvalSet, negatives: np.ndarray) -> di
     full = np.empty(len(eval_set), dtype=np.int64)
     sampled = np.empty(len(eval_set), dtype=np.int64)
     for rows, scores in scores_iter:
-        full[rows] = full_ranks(scores, eval_set.targets[rows], [eval_set.histories[r] for r in rows])
+        full[rows] = full_ranks(scores, eval_set.targets[rows], eval_set.excluded(rows))
         sampled[rows] = sampled_ranks(scores, eval_set.targets[rows], negatives[rows])
     return {"full": ranking_metrics(full, KS), "sampled_pop100": ranking_metrics(sampled, KS)}
 

@@ -7,7 +7,7 @@ from dagster import AssetSelection, Definitions, define_asset_job, in_process_ex
 from recsys_assets import automation
 from recsys_assets.assets import cleaning, evaluation, export, features, ingest, monitoring, sequences, training
 from recsys_assets.io_manager import DuckDBTableIOManager, JsonArtifactIOManager
-from recsys_assets.resources import WarehouseResource
+from recsys_assets.resources import PredictionTargetResource, WarehouseResource
 
 STAGES = [ingest, cleaning, sequences, features, training, evaluation, export, monitoring]
 
@@ -26,6 +26,7 @@ defs = Definitions(
     sensors=[*automation.sensors, *(s for stage in STAGES for s in getattr(stage, "sensors", []))],
     resources={
         "warehouse": WarehouseResource(),
+        "prediction_target": PredictionTargetResource(),
         "warehouse_io_manager": DuckDBTableIOManager(),
         "artifact_io_manager": JsonArtifactIOManager(),
     },

@@ -11,6 +11,7 @@ from dagster import ConfigurableResource
 from pydantic import Field
 
 from recsys_assets.config import recsys_home, warehouse_path
+from recsys_serving.contract import TARGET_ENV, TARGET_EVENT_TYPES_ENV, PredictionTarget, target_from_env
 
 
 class WarehouseResource(ConfigurableResource):
@@ -38,3 +39,20 @@ class WarehouseResource(ConfigurableResource):
             yield con
         finally:
             con.close()
+
+
+class PredictionTargetResource(ConfigurableResource):
+    """What the models of a run predict (`recsys_serving.contract.PredictionTarget`). Training, the
+    baselines and the evaluation all read this one setting; the model, the report and the bundle
+    record it, and serving answers for the target its bundle was trained for."""
+
+    target: str = Field("", description=f"next_item | next_purchase; empty: ${TARGET_ENV}, else next_item")
+    event_types: str = Field(
+        "", description=f"next_purchase: comma-separated target event types, e.g. cart,purchase; empty: "
+        f"${TARGET_EVENT_TYPES_ENV}, else purchase"
+    )
+
+    def resolve(self) -> PredictionTarget:
+        if not (self.target or self.event_types):
+            return target_from_env()
+        return PredictionTarget.parse(self.target or target_from_env().name, self.event_types)

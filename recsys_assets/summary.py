@@ -26,7 +26,7 @@ def main() -> None:
     report = home / "reports" / "evaluation" / "latest"
     if (report / "metrics.json").exists():
         metrics = json.loads((report / "metrics.json").read_text())
-        print(f"  evaluation {report / 'report.html'}")
+        print(f"  evaluation {report / 'report.html'} (target {metrics.get('config', {}).get('target_label', 'next_item')})")
         for model, protocols in metrics.get("models", {}).items():
             full = protocols.get("full", {})
             print(f"    {model:<12} full HR@10 {full.get('HR@10', float('nan')):.4f}  NDCG@10 {full.get('NDCG@10', float('nan')):.4f}")

@@ -76,12 +76,13 @@ class Answer:
     def items(self) -> list[tuple[str, float]]:
         return list(zip(self.item_ids, self.scores))
 
-    def response(self, k: int, cached: bool) -> RecommendResponse:
+    def response(self, k: int, cached: bool, target: str | None = None) -> RecommendResponse:
         return RecommendResponse(
             items=[ScoredItem(item_id=i, score=s) for i, s in zip(self.item_ids[:k], self.scores[:k])],
             model_version=self.model_version,
             fallback=self.fallback,
             reason=self.reason,  # type: ignore[arg-type]  # a FallbackReason value or "model", validated
+            target=target,  # type: ignore[arg-type]  # a TargetName, validated
             cached=cached,
         )
 

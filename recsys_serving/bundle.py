@@ -33,9 +33,9 @@ from typing import Any, Literal
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from recsys_serving.contract import CONTEXT_FIELDS, FIRST_ITEM_TOKEN, recsys_home_path
+from recsys_serving.contract import CONTEXT_FIELDS, FIRST_ITEM_TOKEN, PredictionTarget, recsys_home_path
 
 BUNDLE_FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
@@ -90,7 +90,20 @@ class ModelSpec(BaseModel):
     inputs: list[str]
     outputs: list[str]
     opset: int
+    target: dict[str, Any] = Field(
+        default_factory=lambda: PredictionTarget().to_dict(),
+        description="what the model predicts (contract.PredictionTarget); next_item when absent",
+    )
     config: dict[str, Any] = Field(default_factory=dict, description="the training config, for people")
+
+    @field_validator("target")
+    @classmethod
+    def _known_target(cls, value: dict[str, Any]) -> dict[str, Any]:
+        return PredictionTarget.from_dict(value).to_dict()  # raises ValueError on an unknown target
+
+    @property
+    def prediction_target(self) -> PredictionTarget:
+        return PredictionTarget.from_dict(self.target)
 
 
 class Manifest(BaseModel):

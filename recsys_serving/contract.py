@@ -81,6 +81,88 @@ SPECIAL_TOKENS: dict[int, str] = {PAD_TOKEN: "[PAD]", MASK_TOKEN: "[MASK]"}
 UNKNOWN_CONTEXT_TOKEN = 0
 EVENT_TYPE_TOKENS: dict[str, int] = {name: i + 1 for i, name in enumerate(EVENT_TYPES)}
 
+# -- Prediction target -------------------------------------------------------------------------
+
+# What a model predicts. next_item: the next event of any type (every position is a target).
+# next_purchase: the next event of one of `event_types` (default: purchases); every event is still an
+# input, with its type token. Training (which positions are labels), the split (which item is held
+# out), the baselines, evaluation, the gate and serving all read it from here.
+TargetName = Literal["next_item", "next_purchase"]
+TARGET_NAMES: tuple[str, ...] = get_args(TargetName)
+DEFAULT_TARGET: TargetName = "next_item"
+DEFAULT_PURCHASE_TARGET_TYPES: tuple[str, ...] = ("purchase",)
+
+
+@dataclass(frozen=True)
+class PredictionTarget:
+    """Which events are targets. `event_types` is empty for next_item (every event)."""
+
+    name: TargetName = DEFAULT_TARGET
+    event_types: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.name not in TARGET_NAMES:
+            raise ValueError(f"target must be one of {TARGET_NAMES}, got {self.name!r}")
+        types = tuple(self.event_types)
+        if self.name == "next_item" and types and set(types) != set(EVENT_TYPES):
+            raise ValueError("next_item predicts every event; name event_types only with next_purchase")
+        if self.name == "next_purchase":
+            types = types or DEFAULT_PURCHASE_TARGET_TYPES
+            unknown = sorted(set(types) - set(EVENT_TYPES))
+            if unknown:
+                raise ValueError(f"target event types {unknown} are not event types {EVENT_TYPES}")
+        else:
+            types = ()
+        # canonical: EVENT_TYPES order, no repeats, so equal targets compare and serialise equal
+        object.__setattr__(self, "event_types", tuple(t for t in EVENT_TYPES if t in types))
+
+    @property
+    def every_event(self) -> bool:
+        return self.name == "next_item"
+
+    @property
+    def removes_history(self) -> bool:
+        """Whether the items a user already interacted with are left out of answers (and of the
+        ranking in evaluation, the target excepted). next_item: yes, the next thing is usually new.
+        next_purchase: no, a shopper mostly buys what they viewed or carted."""
+        return self.every_event
+
+    @property
+    def event_type_tokens(self) -> tuple[int, ...]:
+        """The event-type tokens of target events (every known type for next_item)."""
+        return tuple(EVENT_TYPE_TOKENS[t] for t in (EVENT_TYPES if self.every_event else self.event_types))
+
+    def label(self) -> str:
+        return self.name if self.every_event else f"{self.name} ({', '.join(self.event_types)})"
+
+    def to_dict(self) -> dict[str, object]:
+        return {"name": self.name, "event_types": list(self.event_types)}
+
+    @classmethod
+    def from_dict(cls, raw: "dict[str, object] | None") -> "PredictionTarget":
+        """The target a model, bundle or report recorded; next_item for those written before targets existed."""
+        if not raw:
+            return cls()
+        return cls(str(raw.get("name", DEFAULT_TARGET)), tuple(raw.get("event_types") or ()))  # type: ignore[arg-type]
+
+    @classmethod
+    def parse(cls, name: str, event_types: "str | list[str] | tuple[str, ...]" = ()) -> "PredictionTarget":
+        """From settings: a name and event types as a list or a comma-separated string."""
+        if isinstance(event_types, str):
+            event_types = tuple(t.strip() for t in event_types.split(",") if t.strip())
+        return cls(name.strip() or DEFAULT_TARGET, tuple(event_types))  # type: ignore[arg-type]
+
+
+TARGET_ENV = "RECSYS_TARGET"
+TARGET_EVENT_TYPES_ENV = "RECSYS_TARGET_EVENT_TYPES"
+
+
+def target_from_env(environ: "dict[str, str] | None" = None) -> PredictionTarget:
+    """$RECSYS_TARGET (next_item | next_purchase) and $RECSYS_TARGET_EVENT_TYPES (e.g. cart,purchase)."""
+    env = os.environ if environ is None else environ
+    return PredictionTarget.parse(env.get(TARGET_ENV, ""), env.get(TARGET_EVENT_TYPES_ENV, ""))
+
+
 # -- Time of day -------------------------------------------------------------------------------
 
 TIME_OF_DAY_BUCKETS = 6  # tokens 1..6

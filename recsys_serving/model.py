@@ -22,6 +22,7 @@ from recsys_serving.contract import (
     EVENT_TYPE_TOKENS,
     FIRST_ITEM_TOKEN,
     MASK_TOKEN,
+    PAD_TOKEN,
     UNKNOWN_CONTEXT_TOKEN,
     history_length,
     valid_time_of_day_token,
@@ -65,8 +66,11 @@ def encode(
     vocabulary: Vocabulary,
     max_len: int,
     input_names: Sequence[str],
+    exclude_history: bool = True,
 ) -> Encoded | None:
-    """Latest max_len-1 known items + [MASK], batch of one; None when no item is in the vocabulary."""
+    """Latest max_len-1 known items + [MASK], batch of one; None when no item is in the vocabulary.
+    `exclude_history`: the graph leaves the known history items out of the answer (else only PAD:
+    PredictionTarget.removes_history)."""
     lookup = vocabulary.item_to_token
     n = len(history.item_ids)
     keep = [i for i, item in enumerate(history.item_ids) if item in lookup]
@@ -86,7 +90,7 @@ def encode(
     segment_token = vocabulary.segments.get(request.segment or "", 0)
     feeds: dict[str, np.ndarray] = {
         "tokens": np.array([[lookup[history.item_ids[i]] for i in window] + [MASK_TOKEN]], dtype=np.int64),
-        "exclude": seen.reshape(1, -1),
+        "exclude": seen.reshape(1, -1) if exclude_history else np.full((1, 1), PAD_TOKEN, dtype=np.int64),
     }
     if "tod" in input_names:
         feeds["tod"] = per_position(history.tod, lambda v: valid_time_of_day_token(int(v)), request.tod)

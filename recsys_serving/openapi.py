@@ -99,6 +99,7 @@ def _api_responses(route: str, answer: dict[str, Any], refs: dict[Any, dict[str,
         "403": _json_response(
             "a valid token that may not write (a read token)", error, WWW_Authenticate=WWW_AUTHENTICATE
         ),
+        "409": _json_response("the request's target is not the one the served model predicts", error),
         "413": _json_response("the body exceeds RECSYS_MAX_BODY_BYTES", error),
         "415": _json_response("a content type other than application/json", error),
         "429": _json_response(
@@ -117,6 +118,8 @@ def _api_responses(route: str, answer: dict[str, Any], refs: dict[Any, dict[str,
     }
     if not writes:
         del responses["403"]
+    else:
+        del responses["409"]
     return responses
 
 

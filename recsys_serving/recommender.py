@@ -45,7 +45,7 @@ from recsys_serving.feature_client import (
 from recsys_serving.health import DependencyProbe, dependency
 from recsys_serving.invalidation import SharedStamps
 from recsys_serving.metrics import ServiceMetrics
-from recsys_serving.contract import CURRENT_BUNDLE, FIRST_ITEM_TOKEN, time_of_day_token_of
+from recsys_serving.contract import CURRENT_BUNDLE, FIRST_ITEM_TOKEN, PredictionTarget, time_of_day_token_of
 from recsys_serving.model import History, OnnxRanker, MaskContext, encode
 from recsys_serving.schemas import (
     MAX_K,
@@ -94,6 +94,19 @@ class ServingState:
     @property
     def vocabulary(self) -> Vocabulary | None:
         return self.bundle.vocabulary if self.bundle is not None else None
+
+    @property
+    def target(self) -> PredictionTarget | None:
+        return self.bundle.manifest.model.prediction_target if self.bundle is not None else None
+
+    @property
+    def removes_history(self) -> bool:
+        """Whether answers leave out the user's history items (PredictionTarget.removes_history)."""
+        return self.target is None or self.target.removes_history
+
+
+class TargetMismatch(ValueError):
+    """A request asked for another target than the served model predicts (answered 409)."""
 
 
 def _writable_or_creatable(directory: Path) -> bool:
@@ -409,6 +422,7 @@ class Recommender:
             reason="; ".join(reasons) or None,
             dependencies=dependencies,
             model_version=state.version,
+            target=state.target.name if state.target is not None else None,
             signed=signed_by is not None,
             signing_key=signed_by,
             providers=state.ranker.providers if state.ranker else [],
@@ -547,7 +561,7 @@ class Recommender:
     def _fallback(
         self, state: ServingState, reason: FallbackReason, exclude: set[str], device: str | None, segment: str | None
     ) -> Answer:
-        """Popularity (device, else segment, else global list) without the user's history."""
+        """Popularity (device, else segment, else global list) without the `exclude` items."""
         self.metrics.fallbacks.labels(reason=reason.value).inc()
         items: list[tuple[str, float]] = []
         if state.popularity is not None:
@@ -564,12 +578,19 @@ class Recommender:
                     break
         return Answer.of(items, model_version=state.version, reason=reason.value)
 
+    @staticmethod
+    def _excluded(state: ServingState, history: History) -> set[str]:
+        """What a fallback leaves out: the history, where the served target removes it."""
+        return set(history.item_ids) if state.removes_history else set()
+
     async def _run_model(
         self, state: ServingState, history: History, request: MaskContext, started: float
     ) -> Answer | FallbackReason:
         ranker, bundle = state.ranker, state.bundle
         assert ranker is not None and bundle is not None
-        encoded = encode(history, request, ranker.vocabulary, ranker.max_len, ranker.input_names)
+        encoded = encode(
+            history, request, ranker.vocabulary, ranker.max_len, ranker.input_names, state.removes_history
+        )
         if encoded is None:
             return FallbackReason.COLD_START
         budget_s = self.settings.model_timeout_ms / 1000
@@ -607,9 +628,16 @@ class Recommender:
         return Answer.of(items, model_version=bundle.version, reason=MODEL_REASON)
 
     async def recommend(self, req: RecommendRequest, started: float | None = None) -> RecommendResponse:
-        """`started`: time.perf_counter() when the request arrived (default: now), for the model budget."""
+        """`started`: time.perf_counter() when the request arrived (default: now), for the model budget.
+        Raises TargetMismatch when the request names a target the served model does not predict."""
         state = self._state  # this request's bundle from start to end, whatever a switch does meanwhile
         assert state is not None
+        served = state.target
+        if req.target is not None and served is not None and req.target != served.name:
+            raise TargetMismatch(
+                f"the served model predicts {served.label()}, not {req.target}; "
+                "omit target or ask a service that serves it"
+            )
         answer, cached = await self._answer(state, req, time.perf_counter() if started is None else started)
         if self.answer_log is not None:  # cached answers too: they are answers given
             self.answer_log.record(
@@ -618,7 +646,7 @@ class Recommender:
                 answer.model_version,
                 None if answer.reason == MODEL_REASON else answer.reason,
             )
-        return answer.response(req.k, cached=cached)
+        return answer.response(req.k, cached=cached, target=served.name if served is not None else None)
 
     async def _answer(self, state: ServingState, req: RecommendRequest, started: float) -> tuple[Answer, bool]:
         """-> (answer, whether it came from the cache)."""
@@ -656,12 +684,12 @@ class Recommender:
             segment = segment or sequence.segment
 
         if state.ranker is None:
-            return self._fallback(state, FallbackReason.MODEL_UNAVAILABLE, set(history.item_ids), device, segment), False
+            return self._fallback(state, FallbackReason.MODEL_UNAVAILABLE, self._excluded(state, history), device, segment), False
         result = await self._run_model(state, history, MaskContext(tod=tod, device=device, segment=segment), started)
         answer = (
             result
             if isinstance(result, Answer)
-            else self._fallback(state, result, set(history.item_ids), device, segment)
+            else self._fallback(state, result, self._excluded(state, history), device, segment)
         )
         if use_cache and answer.reason in CACHEABLE_REASONS:
             self._cache_put(req.user_id, variant, answer, stamp)

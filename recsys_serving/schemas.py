@@ -8,7 +8,7 @@ from typing import Annotated, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, Strict, StringConstraints, field_validator
 
-from recsys_serving.contract import EARLIEST_EVENT_TS, EventType
+from recsys_serving.contract import EARLIEST_EVENT_TS, EventType, TargetName
 
 MAX_K = 100
 MAX_RECENT_ITEMS = 500  # a cap on the request body; the model only reads its latest max_len-1
@@ -61,6 +61,12 @@ class RecommendRequest(_Strict):
         description="history override (oldest first); replaces the feature store's sequence",
     )
     context: RequestContext | None = None
+    target: TargetName | None = Field(
+        None,
+        description="what to predict: next_item (any next event) or next_purchase (the next purchase). The "
+        "served model predicts one target (Health.target); asking for another is refused with a 409. "
+        "Default: the served model's",
+    )
 
 
 class FallbackReason(str, Enum):
@@ -91,6 +97,9 @@ class RecommendResponse(BaseModel):
     model_version: str | None = Field(description="the bundle that answered (fallbacks too); null when none is loaded")
     fallback: bool = Field(description="true when popularity answered instead of the model")
     reason: ModelReason | FallbackReason = Field(description="'model', or why the model did not answer")
+    target: TargetName | None = Field(
+        None, description="what the answering bundle predicts (fallbacks too); null when none is loaded"
+    )
     cached: bool = False
 
 
@@ -189,6 +198,7 @@ class Health(BaseModel):
     reason: str | None = Field(description="why the status is not ok, in one line; None when ok")
     dependencies: dict[str, DependencyHealth] = Field(description=f"one entry each: {', '.join(DEPENDENCIES)}")
     model_version: str | None
+    target: TargetName | None = Field(None, description="what the served model predicts; null when none is loaded")
     signed: bool = Field(description="the served bundle's signature verified with a configured public key")
     signing_key: str | None = Field(None, description="key id of the public key that verified it")
     providers: list[str]

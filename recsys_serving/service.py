@@ -41,7 +41,7 @@ from recsys_serving.contract import SERVICE_NAME
 from recsys_serving.metrics import ServiceMetrics
 from recsys_serving.openapi import OpenApiDocument
 from recsys_serving.event_writer import EventLogUnavailable, EventQueueFull
-from recsys_serving.recommender import Recommender
+from recsys_serving.recommender import Recommender, TargetMismatch
 from recsys_serving.schemas import ErrorBody, EventRequest, EventResponse, RecommendRequest, RecommendResponse
 from recsys_serving.settings import ServingSettings
 
@@ -343,7 +343,10 @@ class RecommenderService:
     @bentoml.api(route="/recommend")
     async def recommend(self, request: RecommendRequest, /) -> RecommendResponse:
         """Top-k next items for a user; `fallback` and `reason` say when popularity answered."""
-        response = await self.recommender.recommend(request, started=_ARRIVED.get())
+        try:
+            response = await self.recommender.recommend(request, started=_ARRIVED.get())
+        except TargetMismatch as exc:  # counted as rejected by ApiGuard, from the status
+            return JSONResponse(ErrorBody(error=str(exc)).model_dump(), status_code=409)  # type: ignore[return-value]
         outcome = "cache" if response.cached else ("fallback" if response.fallback else "model")
         self.metrics.requests.labels(endpoint="recommend", outcome=outcome).inc()
         return response

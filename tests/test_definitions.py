@@ -12,6 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from _browser import browser_page
 from _local import free_port
 
 REPO = Path(__file__).resolve().parent.parent
@@ -137,6 +138,30 @@ def test_webserver_lists_assets_over_graphql(tmp_path: Path) -> None:
         states = {s["name"]: s["scheduleState"]["status"] for s in repo["schedules"]}
         states |= {s["name"]: s["sensorState"]["status"] for s in repo["sensors"]}
         assert {n: states.get(n) for n in AUTOMATIONS} == dict.fromkeys(AUTOMATIONS, "RUNNING"), states
+        _the_ui_shows_the_graph(f"http://127.0.0.1:{port}", tmp_path)
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def _the_ui_shows_the_graph(url: str, shots: Path) -> None:
+    """What a person sees in a real browser: the catalog lists every asset with its description,
+    the evaluation group's lineage draws its assets, the job page names its stages."""
+    with browser_page() as page:
+        page.goto(f"{url}/assets")
+        page.get_by_text("evaluation_report", exact=True).first.wait_for(timeout=60_000)
+        catalog = page.inner_text("body")
+        page.screenshot(path=str(shots / "catalog.png"))
+        assert {"raw_events", "tokenized_sequences", "bert4rec_model", "model_bundle"} <= set(catalog.split())
+        assert "Popularity, item-kNN and last-item" in catalog  # descriptions, not only names
+
+        page.goto(f"{url}/locations/recsys/asset-groups/evaluation")
+        page.get_by_text("evaluation_report", exact=True).first.wait_for(timeout=60_000)
+        page.screenshot(path=str(shots / "evaluation_group.png"))
+        assert "baselines" in page.inner_text("body")
+
+        page.goto(f"{url}/locations/recsys/jobs/retrain_job")
+        page.get_by_text("View as Asset Graph").wait_for(timeout=60_000)
+        job = page.inner_text("body")
+        page.screenshot(path=str(shots / "retrain_job.png"))
+        assert {"ingest", "training", "sequences"} <= set(job.split()), job[:500]

@@ -10,6 +10,8 @@ import numpy as np
 import polars as pl
 import pytest
 
+from _browser import browser_page
+
 from recsys_assets.evaluation.metrics import bootstrap_ci, bootstrap_lift_ci
 from recsys_assets.evaluation.protocol import (
     EvalSet,
@@ -21,6 +23,7 @@ from recsys_assets.evaluation.protocol import (
 )
 from recsys_assets.evaluation.report import gate_decision, gate_passes, write_report
 from recsys_assets.io_manager import TableRef
+from recsys_assets.resources import PredictionTargetResource
 
 
 def _rows(seqs: list[list[int]], with_context: bool = False) -> pl.DataFrame:
@@ -242,6 +245,7 @@ def test_write_report_and_latest(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     assert np.array_equal(ranks["bert4rec/full"], results["bert4rec"].ranks["full"])
     latest = tmp_path / "reports" / "evaluation" / "latest"
     assert json.loads((latest / "metrics.json").read_text())["run_id"] == "run1"
+    _the_report_reads_well_in_a_browser(paths.report_html, tmp_path)
 
     # A second run replaces latest; the first run's directory stays; no stray copies remain.
     write_report(results, dataset={"name": "toy"}, config={"fit": "train"}, run_id="run2", n_bootstrap=20)
@@ -253,6 +257,26 @@ def test_write_report_and_latest(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
         write_report(results, dataset={}, config={}, run_id="run2", n_bootstrap=20)
     with pytest.raises(ValueError, match="run_id"):
         write_report(results, dataset={}, config={}, run_id="../x", n_bootstrap=20)
+
+
+def _the_report_reads_well_in_a_browser(report: Path, shots: Path, width: int = 1280) -> None:
+    """In headless Chromium: the summary comes first and shows, every plot loads and fits the
+    window, nothing needs horizontal scrolling, the raw config stays folded until clicked."""
+    with browser_page(width=width) as page:
+        page.goto(report.as_uri())
+        page.screenshot(path=str(shots / "report.png"), full_page=True)
+        assert page.locator("h2").all_inner_texts()[0] == "Summary"
+        assert page.locator("p.summary").is_visible()
+        images = page.evaluate(
+            "() => [...document.images].map(i => [i.alt, i.complete && i.naturalWidth > 0, i.getBoundingClientRect().width])"
+        )
+        assert len(images) == 3 and all(loaded and 0 < shown <= width for _, loaded, shown in images), images
+        assert page.evaluate("() => document.documentElement.scrollWidth") <= width
+        assert page.get_by_text("NDCG@K", exact=True).is_visible()
+        raw = page.locator("details pre")
+        assert not raw.is_visible()
+        page.locator("details summary").click()
+        assert raw.is_visible() and '"fit": "train"' in raw.inner_text()
 
 
 # --------------------------------------------------------------------------- assets
@@ -317,6 +341,7 @@ def test_assets_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
     resources = {
         "warehouse_io_manager": DuckDBTableIOManager(database=seqs_ref.database),
         "artifact_io_manager": JsonArtifactIOManager(),
+        "prediction_target": PredictionTargetResource(),
     }
 
     def run(report_config: dict):

@@ -122,7 +122,8 @@ def test_the_document_declares_what_the_tester_found_missing(servers: dict[str, 
     paths = document["paths"]
     recommend, events = paths["/recommend"]["post"], paths["/events"]["post"]
     api_statuses = {"200", "400", "401", "413", "415", "429", "500", "503", "504"}
-    assert set(recommend["responses"]) == api_statuses  # 401: an invalid token, even where reads are open
+    # 401: an invalid token, even where reads are open; 409: a target the served model does not predict
+    assert set(recommend["responses"]) == api_statuses | {"409"}
     assert set(events["responses"]) == api_statuses | {"403"}
     for operation in (recommend, events):
         assert "WWW-Authenticate" in operation["responses"]["401"]["headers"]
@@ -163,6 +164,14 @@ def test_error_statuses_have_their_documented_bodies(servers: dict[str, Server],
     receipt = _checked(live, "/events", post("/events", json=event)).json()
     degraded = name == "degraded"
     assert (answer["model_version"] is None, receipt["sequence_length"] is None) == (degraded, degraded)
+    assert answer["target"] == (None if degraded else "next_item")
+    other = _checked(live, "/recommend", post("/recommend", json={"user_id": "alice", "target": "next_purchase"}))
+    if degraded:  # no model loaded: nothing to disagree with, popularity (none here) answers
+        assert other.status_code == 200
+    else:
+        assert other.status_code == 409 and "predicts next_item, not next_purchase" in other.json()["error"]
+        same = post("/recommend", json={"user_id": "alice", "target": "next_item"})
+        assert same.status_code == 200 and same.json()["target"] == "next_item"
 
     invalid_json = _checked(live, "/recommend", post("/recommend", content=b'{"user_id": ',
                                                      headers={"content-type": "application/json"}))

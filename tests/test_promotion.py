@@ -33,6 +33,7 @@ from recsys_assets.export.bundle import (
     vocabulary_document,
 )
 from recsys_assets.export.onnx_export import model_contexts
+from recsys_assets.resources import PredictionTargetResource
 from recsys_serving.bundle import verify_bundle
 from recsys_serving.contract import EVENT_TYPE_TOKENS, FIRST_ITEM_TOKEN
 
@@ -286,7 +287,7 @@ def _pipeline(world: World, home: Path, data: str, model_dir: Path, export: bool
     result = materialize(
         [*sources, *stages],
         resources={"warehouse_io_manager": DuckDBTableIOManager(database=str(world.db[data])),
-                   "artifact_io_manager": JsonArtifactIOManager()},
+                   "artifact_io_manager": JsonArtifactIOManager(), "prediction_target": PredictionTargetResource()},
         run_config={"ops": {
             "baselines": {"config": knobs},
             "evaluation_report": {"config": {**knobs, "device": "cpu", "champion_threads": 1}},

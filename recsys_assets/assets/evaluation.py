@@ -22,7 +22,7 @@ from dagster import (
 from pydantic import Field
 
 from recsys_serving.bundle import BundleRefused
-from recsys_serving.contract import CURRENT_BUNDLE, FIRST_ITEM_TOKEN
+from recsys_serving.contract import CURRENT_BUNDLE, FIRST_ITEM_TOKEN, PredictionTarget
 from recsys_assets.assets.ingest import latest_source, source_name
 from recsys_assets.config import bundles_dir, report_url
 from recsys_assets.evaluation.baselines import BASELINES, fit_baselines
@@ -40,10 +40,10 @@ from recsys_assets.evaluation.protocol import (
     evaluate,
     evaluate_many,
     feasible_protocols,
-    fit_sequences,
     make_eval_set,
     parse_protocol,
     sample_negatives_for,
+    split_rows,
 )
 from recsys_assets.evaluation.report import (
     BASELINE_NAMES,
@@ -58,6 +58,7 @@ from recsys_assets.evaluation.report import (
 )
 from recsys_assets.export.bundle import current_version
 from recsys_assets.io_manager import TableRef
+from recsys_assets.resources import PredictionTargetResource
 
 
 
@@ -186,16 +187,21 @@ def baselines(
     config: BaselinesConfig,
     tokenized_sequences: TableRef,
     item_vocabulary: TableRef,
+    prediction_target: PredictionTargetResource,
 ) -> dict[str, Any]:
     for p in config.protocols:
         parse_protocol(p)
     started = time.perf_counter()
+    target = prediction_target.resolve()
     counts, categories, vocab_size = load_vocabulary(item_vocabulary)
     rows = _load_rows(tokenized_sequences)
-    train = fit_sequences(rows, "train")
-    eval_set = make_eval_set(rows, "valid")
-    models = fit_baselines(train, vocab_size)
-    context.log.info(f"fitted {list(models)} on {len(train):,} sequences; validating on {len(eval_set):,} users")
+    fit_split = split_rows(rows, "train", with_context=False, target=target)
+    train = fit_split.sequences
+    eval_set = make_eval_set(rows, "valid", target)
+    models = fit_baselines(train, vocab_size, target_masks=fit_split.target_masks)
+    context.log.info(
+        f"fitted {list(models)} for {target.label()} on {len(train):,} sequences; validating on {len(eval_set):,} users"
+    )
     protocols = _protocols(context, config.protocols, eval_set, counts)
     results = evaluate_many(
         {name: as_scorer(m) for name, m in models.items()}, eval_set, counts, config.ks, protocols,
@@ -205,6 +211,7 @@ def baselines(
     context.add_output_metadata(
         {
             "users_evaluated": len(eval_set),
+            "target": target.label(),
             "fit": FIT_DESCRIPTIONS["train"],
             "metrics": MetadataValue.md(headline_markdown(doc)),
             "seconds": round(time.perf_counter() - started, 1),
@@ -213,6 +220,7 @@ def baselines(
     return {
         "split": "valid",
         "fit": "train",
+        "target": target.to_dict(),
         "fit_description": FIT_DESCRIPTIONS["train"],
         "vocab_size": vocab_size,
         "n_fit_sequences": len(train),
@@ -234,7 +242,7 @@ def _model_info(bert4rec_model: dict[str, Any]) -> tuple[Path, dict[str, Any], l
     model_dir = Path(raw)
     extra_path = model_dir / "extra.json"
     info: dict[str, Any] = json.loads(extra_path.read_text()) if extra_path.exists() else {}
-    info = {**info, **{k: v for k, v in bert4rec_model.items() if k in ("fit", "best_epoch", "best_valid")}}
+    info = {**info, **{k: v for k, v in bert4rec_model.items() if k in ("fit", "target", "best_epoch", "best_valid")}}
     log = bert4rec_model.get("log")
     log_path = model_dir / "training_log.json"
     if log is None and log_path.exists():
@@ -252,6 +260,7 @@ def score_champion(
     categories: np.ndarray,
     protocols: list[str],
     context_labels: dict[str, np.ndarray] | None = None,
+    target: PredictionTarget | None = None,
 ) -> tuple[EvaluationResult | None, dict[str, Any]]:
     """The served bundle (bundles/current) scored on the challenger's eval set with the same
     negatives and bootstrap, and what the report records about it. A champion that does not load
@@ -265,6 +274,11 @@ def score_champion(
     except BundleRefused as exc:
         context.log.warning(f"champion {version} cannot be loaded ({exc.reason}): the gate compares with baselines only")
         return None, {"status": "refused", "version": version, "reason": exc.reason}
+    target = target or PredictionTarget()
+    if scorer.target != target:
+        reason = f"it predicts {scorer.target.label()}, this report {target.label()}: not comparable"
+        context.log.warning(f"champion {version}: {reason}; the gate compares with baselines only")
+        return None, {"status": "other_target", "version": version, "reason": reason}
     negatives = {
         n: sample_negatives_for(eval_set, counts, n, config.seed) for n in map(parse_protocol, protocols) if n is not None
     }
@@ -302,6 +316,7 @@ def evaluation_report(
     context_vocabulary: TableRef,
     bert4rec_model: dict[str, Any],
     baselines: dict[str, Any],
+    prediction_target: PredictionTargetResource,
 ) -> dict[str, Any]:
     import torch
 
@@ -323,11 +338,19 @@ def evaluation_report(
     if config.split == "valid" and fit == "train+valid":
         raise ValueError("split 'valid' with fit 'train+valid' would score items the models learned from")
 
+    target = prediction_target.resolve()
+    model_target = PredictionTarget.from_dict(info.get("target"))
+    if model_target != target:
+        raise ValueError(
+            f"the model was trained for {model_target.label()} but this run evaluates {target.label()}: "
+            "train and evaluate with the same prediction_target"
+        )
     counts, categories, vocab_size = load_vocabulary(item_vocabulary)
     rows = _load_rows(tokenized_sequences)
-    eval_set: EvalSet = make_eval_set(rows, cast(Split, config.split))
-    train = fit_sequences(rows, cast(FitData, fit))
-    models = fit_baselines(train, vocab_size)
+    eval_set: EvalSet = make_eval_set(rows, cast(Split, config.split), target)
+    fit_split = split_rows(rows, cast(FitData, fit), with_context=False, target=target)
+    train = fit_split.sequences
+    models = fit_baselines(train, vocab_size, target_masks=fit_split.target_masks)
 
     device = "cuda" if config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available()) else "cpu"
     model, model_config = load_model(model_dir, map_location=device)
@@ -348,7 +371,7 @@ def evaluation_report(
     )
     champion_result, champion = score_champion(
         context, config, eval_set, load_item_ids(item_vocabulary), context_values,
-        counts, categories, protocols, context_labels,
+        counts, categories, protocols, context_labels, target,
     )
     results = {MODEL_NAME: scored.pop(MODEL_NAME)}
     if champion_result is not None:
@@ -369,6 +392,8 @@ def evaluation_report(
     }
     report_config = {
         "split": config.split,
+        "target": target.to_dict(),
+        "target_label": target.label(),
         "fit": fit,
         "fit_description": FIT_DESCRIPTIONS[fit],
         "protocols": protocols,
@@ -376,7 +401,7 @@ def evaluation_report(
         "seed": config.seed,
         "n_bootstrap": config.n_bootstrap,
         "negatives_popularity": "item_vocabulary counts (all interactions)",
-        "history_removed": True,
+        "history_removed": target.removes_history,
         "ties": "pessimistic",
         "model_dir": str(model_dir),
         "model": model_config.model_dump(),
@@ -408,6 +433,7 @@ def evaluation_report(
         "headline": MetadataValue.md(headline_markdown(doc)),
         "gate_passed": gate["passed"],
         "gate_reasons": MetadataValue.md("\n".join(f"- {r}" for r in gate["reasons"])),
+        "target": target.label(),
         "fit": FIT_DESCRIPTIONS[fit],
         "users_evaluated": len(eval_set),
         "report": MetadataValue.path(str(paths.report_html)),
@@ -436,6 +462,7 @@ def evaluation_report(
         "run_id": run_id,
         "split": config.split,
         "fit": fit,
+        "target": target.to_dict(),
         "metrics": doc["models"],
         "lift": doc["lift"],
         "gate": gate,

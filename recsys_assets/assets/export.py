@@ -33,7 +33,7 @@ from pydantic import Field
 from recsys_assets.assets.evaluation import report_gate_tolerance
 from recsys_assets.config import REPO_ROOT, bundles_dir, models_dir, recsys_home
 from recsys_assets.io_manager import TableRef
-from recsys_serving.contract import FEATURE_VIEW, SERVICE_NAME, sequence_length_mismatch
+from recsys_serving.contract import FEATURE_VIEW, SERVICE_NAME, PredictionTarget, sequence_length_mismatch
 
 GROUP = "export"
 
@@ -264,6 +264,7 @@ def model_bundle(
     from recsys_assets.export.signing import load_or_create_signing_key, public_key_path, signing_key_path
 
     model_config = BERT4RecConfig.model_validate(onnx_model["config"])
+    target = PredictionTarget.from_dict(evaluation_report.get("target"))
     mismatch = sequence_length_mismatch(model_config.max_len, int(feast_online_store["max_len"]))
     if mismatch:
         raise ValueError(f"the bundle cannot be served from the feature view {FEATURE_VIEW!r}: {mismatch}")
@@ -279,6 +280,7 @@ def model_bundle(
             top_global=config.popularity_top_global,
             top_group=config.popularity_top_group,
             min_group_events=config.popularity_min_group_events,
+            target=target,
         )
         window = data_window(con, cleaned_interactions.table)
     export = ExportReport.model_validate(onnx_model["export"])
@@ -296,7 +298,7 @@ def model_bundle(
         Path(onnx_model["path"]),
         vocabulary,
         popularity,
-        model_spec_for(model_config, export),
+        model_spec_for(model_config, export, target),
         plan_path=plan,
         external_data=Path(onnx_model["path"]).with_name(export.external_data) if export.external_data else None,
         data_window=window,

@@ -20,6 +20,7 @@ from recsys_assets.config import models_dir
 from recsys_assets.k8s import TrainingLauncherSettings, train_on_kubernetes, training_pod_request
 from recsys_serving.contract import EVENT_TYPE_TOKENS, TIME_OF_DAY_BUCKETS
 from recsys_assets.io_manager import TableRef
+from recsys_assets.resources import PredictionTargetResource
 
 
 AUTO = "auto"
@@ -162,9 +163,12 @@ def bert4rec_model(
     tokenized_sequences: TableRef,
     item_vocabulary: TableRef,
     context_vocabulary: TableRef,
+    prediction_target: PredictionTargetResource,
 ) -> dict[str, Any]:
     data = SequenceData.from_duckdb(tokenized_sequences.database, tokenized_sequences.table, item_vocabulary.table)
     model_over, train_over = config.overrides()
+    target = prediction_target.resolve()
+    train_over["target"] = target.to_dict()
     run_id = config.run_id or context.run.run_id
     out = models_dir() / run_id
     launcher = TrainingLauncherSettings(**({"launcher": config.launcher} if config.launcher else {}))
@@ -193,7 +197,7 @@ def bert4rec_model(
             raise ValueError("preset auto searches on validation and refits on train+valid itself; leave fit at its default")
         train_over.pop("fit", None)
         budget, budget_source = training_budget(config, context)
-        context.log.info(f"sizing {len(data)} sequences, vocab {data.vocab_size}, budget {budget:g} min ({budget_source}) -> {out}")
+        context.log.info(f"target {target.label()}; sizing {len(data)} sequences, vocab {data.vocab_size}, budget {budget:g} min ({budget_source}) -> {out}")
         sized = train_sized(
             data, out, budget * 60, model_over, train_over, progress=progress, log=context.log.info,
             extra={"run_id": run_id}, context_sizes=context_sizes(context_vocabulary),
@@ -225,7 +229,7 @@ def bert4rec_model(
                 launcher, run_id=run_id, preset=preset, model_config=model_cfg, train_overrides=train_over
             )
         context.log.info(
-            f"training {len(data)} sequences, vocab {data.vocab_size}, fit={train_cfg.fit} -> {out}\n"
+            f"training {len(data)} sequences for {target.label()}, vocab {data.vocab_size}, fit={train_cfg.fit} -> {out}\n"
             f"model: {model_cfg.model_dump_json()}\ntrain: {train_cfg.model_dump_json()}"
         )
         if pod is None:
@@ -237,6 +241,7 @@ def bert4rec_model(
     metadata.update({
         "path": str(out),
         "preset": preset,
+        "target": target.label(),
         "fit": train_cfg.fit,
         "network": f"{result.config.hidden} hidden, {result.config.layers} layers, {result.config.heads} heads, "
         f"length {result.config.max_len}",
@@ -262,6 +267,7 @@ def bert4rec_model(
         "epochs": result.epochs,
         "seconds_per_epoch": result.seconds_per_epoch,
         "fit": train_cfg.fit,
+        "target": target.to_dict(),
         "preset": preset,
         "sizing": sizing,
     }

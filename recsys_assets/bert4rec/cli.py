@@ -20,6 +20,7 @@ from recsys_assets.bert4rec.distributed import init_distributed, shutdown
 from recsys_assets.bert4rec.presets import PRESETS, build_configs
 from recsys_assets.bert4rec.sizing import train_sized
 from recsys_assets.bert4rec.train import TrainEvent, evaluate, train
+from recsys_serving.contract import TARGET_NAMES, PredictionTarget
 
 
 def load_data(path: str, table: str = "tokenized_sequences") -> SequenceData:
@@ -93,6 +94,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--budget-minutes", type=float, default=60.0, help="--preset auto: the time budget")
     parser.add_argument("--out", required=True, help="model directory (checkpoints, weights, training_log.json)")
     parser.add_argument("--fit", choices=["train", "train+valid"], default=None)
+    parser.add_argument("--target", choices=list(TARGET_NAMES), default=None,
+                        help="next_item (default) or next_purchase: only target events are learned and held out")
+    parser.add_argument("--target-event-types", default="", help="next_purchase: e.g. cart,purchase (default purchase)")
     parser.add_argument("--epochs", type=int, default=None)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads per process")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None)
@@ -107,6 +111,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             train_over[key] = value
     if args.no_resume:
         train_over["resume"] = False
+    if args.target or args.target_event_types:
+        train_over["target"] = PredictionTarget.parse(args.target or "next_purchase", args.target_event_types).to_dict()
     ctx = init_distributed(train_over.get("device", "auto"))
     try:
         data = load_data(args.data, args.table)
@@ -125,6 +131,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         summary: dict[str, Any] = {
             "path": result.path,
             "fit": train_cfg.fit,
+            "target": train_cfg.target.label(),
             "epochs": result.epochs,
             "best_epoch": result.best_epoch,
             "best_valid": result.best_valid,
@@ -135,7 +142,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             from recsys_assets.bert4rec.model import load_model
 
             model, cfg = load_model(result.path)
-            summary["test"] = evaluate(model, data.split(train_cfg.fit).test, cfg.max_len)
+            summary["test"] = evaluate(model, data.split(train_cfg.fit, train_cfg.target).test, cfg.max_len)
         if ctx.is_main:
             print(json.dumps(summary, indent=2))
     finally:

@@ -25,7 +25,7 @@ from recsys_assets.data.split import (
     check_held_out_items,
     leave_one_out,
 )
-from recsys_serving.contract import CONTEXT_FIELDS, FIRST_ITEM_TOKEN, MASK_TOKEN, PAD_TOKEN
+from recsys_serving.contract import CONTEXT_FIELDS, FIRST_ITEM_TOKEN, MASK_TOKEN, PAD_TOKEN, PredictionTarget
 
 # Context that describes the request (known when asking for a recommendation) stays on a masked
 # position; the event type is the outcome of the interaction itself, so it is hidden with the item.
@@ -139,17 +139,17 @@ class SequenceData:
             contexts={c: [v[i] for i in keep] for c, v in contexts.items()},
         )
 
-    def split(self, fit: FitOption) -> FitSplit:
+    def split(self, fit: FitOption, target: PredictionTarget | None = None) -> FitSplit:
         """The leave-one-out split under fit option ``train`` or ``train+valid``
-        (`recsys_assets.data.split.leave_one_out`)."""
+        (`recsys_assets.data.split.leave_one_out`), for `target` (default next_item)."""
         if fit not in FIT_OPTIONS:
             raise ValueError(f"fit must be 'train' or 'train+valid', got {fit!r}")
-        return leave_one_out(self.user_ids, self.tokens, fit, self.contexts, self.vocab_size)
+        return leave_one_out(self.user_ids, self.tokens, fit, self.contexts, self.vocab_size, target)
 
-    def tuning_split(self) -> FitSplit:
+    def tuning_split(self, target: PredictionTarget | None = None) -> FitSplit:
         """The ``tuning`` protocol of `recsys_assets.data.split`: hyper-parameters and epochs are
         chosen on it without any test item."""
-        return leave_one_out(self.user_ids, self.tokens, "tuning", self.contexts, self.vocab_size)
+        return leave_one_out(self.user_ids, self.tokens, "tuning", self.contexts, self.vocab_size, target)
 
 
 def _list_column(frame: object, name: str) -> list[np.ndarray]:
@@ -205,13 +205,19 @@ class Batch:
 
 
 class ExampleIndex:
-    """The training windows of a fit split as (sequence, end) pairs; end is exclusive."""
+    """The training windows of a fit split as (sequence, end) pairs; end is exclusive. With
+    `target_masks` (a next_purchase split) a window ends only at a target position."""
 
-    def __init__(self, sequences: Sequence[np.ndarray], cfg: BatchingConfig, max_len: int) -> None:
+    def __init__(
+        self, sequences: Sequence[np.ndarray], cfg: BatchingConfig, max_len: int,
+        target_masks: Sequence[np.ndarray] | None = None,
+    ) -> None:
         self.cfg = cfg
         self.max_len = min(cfg.train_max_len or max_len, max_len)
         lengths = np.asarray([len(s) for s in sequences], dtype=np.int64)
-        if cfg.windows == "last":
+        if target_masks is not None:
+            seq_idx, ends = self._target_windows(target_masks, cfg.windows)
+        elif cfg.windows == "last":
             seq_idx = np.arange(len(sequences), dtype=np.int64)
             ends = lengths.copy()
         else:
@@ -222,10 +228,29 @@ class ExampleIndex:
             starts = np.cumsum(reps) - reps
             ends = np.arange(len(seq_idx), dtype=np.int64) - np.repeat(starts, reps) + 2
             ends = np.minimum(ends, np.repeat(lengths, reps))
+        if len(seq_idx) == 0:
+            raise ValueError("the fit data has no target events to learn: no training window")
         self.seq_idx = seq_idx
         self.ends = ends
         # window length: history (max_len - 1 items before the last) capped by what exists
         self.window_len = np.minimum(ends, self.max_len)
+
+    @staticmethod
+    def _target_windows(masks: Sequence[np.ndarray], windows: str) -> tuple[np.ndarray, np.ndarray]:
+        """As for every position, but only target positions end a window (position 0 only when it
+        is a sequence's single target)."""
+        seq_parts: list[np.ndarray] = []
+        end_parts: list[np.ndarray] = []
+        for i, mask in enumerate(masks):
+            where = np.flatnonzero(mask)
+            if windows == "last":
+                where = where[-1:]
+            elif len(where) > 1 or (len(where) == 1 and where[0] > 0):
+                where = where[where >= 1]
+            seq_parts.append(np.full(len(where), i, dtype=np.int64))
+            end_parts.append(where.astype(np.int64) + 1)
+        empty = np.zeros(0, dtype=np.int64)
+        return (np.concatenate(seq_parts) if seq_parts else empty), (np.concatenate(end_parts) if end_parts else empty)
 
     def __len__(self) -> int:
         return len(self.seq_idx)
@@ -262,6 +287,7 @@ class BatchBuilder:
         contexts: dict[str, Sequence[np.ndarray]],
         index: ExampleIndex,
         seed: int,
+        target_masks: Sequence[np.ndarray] | None = None,
     ) -> None:
         self.sequences = sequences
         self.contexts = contexts
@@ -274,6 +300,7 @@ class BatchBuilder:
         self._offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
         self._flat_tokens = _flatten(sequences)
         self._flat_contexts = {name: _flatten(values) for name, values in contexts.items()}
+        self._flat_targets = None if target_masks is None else _flatten(target_masks).astype(bool)
 
     def build(self, example_ids: np.ndarray, epoch: int, step_in_epoch: int, rank: int = 0, world: int = 1) -> Batch:
         cfg = self.index.cfg
@@ -290,6 +317,11 @@ class BatchBuilder:
             np.ones(n, dtype=bool) if cfg.windows == "prefixes" else rng.random(n) < cfg.mask_last_prob
         )
         masked[:, -1] |= last_masked
+        if self._flat_targets is not None:
+            # next_purchase: only target positions are masked and labelled; the others stay inputs
+            ends_all = self._offsets[self.index.seq_idx[example_ids]] + self.index.ends[example_ids]
+            at = np.where(valid, ends_all[:, None] - width + pos, 0)
+            masked &= np.where(valid, self._flat_targets[at], False)
         # every window needs a target: the last position if nothing else was drawn
         empty = ~masked.any(axis=1)
         masked[empty, -1] = True

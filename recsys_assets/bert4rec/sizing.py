@@ -41,6 +41,7 @@ from recsys_assets.bert4rec.presets import (
 )
 from recsys_assets.bert4rec.train import ProgressCallback, TrainConfig, TrainEvent, TrainResult, evaluate, train
 from recsys_assets.data.split import EvalSet, FitSplit
+from recsys_serving.contract import PredictionTarget
 
 # (name, network, recipe), largest first; the first the budget affords is trained.
 CANDIDATE_NETWORKS: tuple[tuple[str, dict[str, Any], dict[str, Any]], ...] = (
@@ -117,32 +118,39 @@ def _recipe_preset(network: dict[str, Any], recipe: dict[str, Any]) -> Preset:
 
 
 def _eval_sample(valid: EvalSet, n: int) -> EvalSet:
-    rows = slice(0, min(n, len(valid)))
-    return EvalSet(
-        split=valid.split, user_ids=valid.user_ids[rows], histories=valid.histories[rows],
-        targets=valid.targets[rows], source_rows=valid.source_rows[rows],
-        context={k: v[rows] for k, v in valid.context.items()},
-    )
+    return valid.subset(slice(0, min(n, len(valid))))
+
+
+def target_of(train_overrides: dict[str, Any]) -> PredictionTarget:
+    """The prediction target a set of training overrides names (default next_item)."""
+    raw = train_overrides.get("target")
+    if raw is None:
+        return PredictionTarget()
+    return raw if isinstance(raw, PredictionTarget) else PredictionTarget.from_dict(raw)
 
 
 def _probe_split(search: FitSplit, train_cfg: TrainConfig, max_len: int, seed: int = 0) -> FitSplit:
     """Random users with about `PROBE_STEPS` batches of examples: one epoch of them spans the data's
     history lengths (the first batches of a length-bucketed epoch are its shortest)."""
     order = np.random.default_rng(seed).permutation(len(search.sequences))
-    index = ExampleIndex([search.sequences[i] for i in order], train_cfg.batching, max_len)
+    masks = search.target_masks
+    index = ExampleIndex(
+        [search.sequences[i] for i in order], train_cfg.batching, max_len, None if masks is None else [masks[i] for i in order]
+    )
     per_user = np.bincount(index.seq_idx, minlength=len(order))  # examples of each user, in `order`
     want = PROBE_STEPS * train_cfg.batching.batch_size
     keep = order[: int(np.searchsorted(np.cumsum(per_user), want)) + 1]
     return FitSplit(
         fit=search.fit, sequences=[search.sequences[i] for i in keep],
         contexts={k: [v[i] for i in keep] for k, v in search.contexts.items()},
-        valid=None, test=search.test, item_counts=search.item_counts,
+        valid=None, test=search.test, item_counts=search.item_counts, target=search.target,
+        target_masks=None if masks is None else [masks[i] for i in keep],
     )
 
 
 def _padded_lengths(split: FitSplit, train_cfg: TrainConfig, max_len: int) -> np.ndarray:
     """The padded length of every batch of one epoch, in training order (what `train()` builds)."""
-    index = ExampleIndex(split.sequences, train_cfg.batching, max_len)
+    index = ExampleIndex(split.sequences, train_cfg.batching, max_len, split.target_masks)
     return np.asarray([int(index.window_len[ids].max()) for ids in index.epoch_batches(train_cfg.seed, 0)])
 
 
@@ -226,7 +234,8 @@ def choose_training(
     if profile.items > SAMPLED_SOFTMAX_ITEMS and "loss" not in train_over:
         train_over["loss"] = "sampled"
         reasons.append(f"{profile.items:,} items > {SAMPLED_SOFTMAX_ITEMS:,}: sampled softmax with logQ correction")
-    search, refit = data.tuning_split(), data.split("train+valid")
+    target = target_of(train_over)
+    search, refit = data.tuning_split(target), data.split("train+valid", target)
     costs: list[NetworkCost] = []
     chosen: tuple[str, dict[str, Any], dict[str, Any], int] | None = None
     with tempfile.TemporaryDirectory(prefix="recsys-sizing-") as tmp:
@@ -313,7 +322,7 @@ def train_sized(
             return True
         return False
 
-    search = train(model_cfg, search_cfg, data.tuning_split(), out / "search", progress=progress,
+    search = train(model_cfg, search_cfg, data.tuning_split(search_cfg.target), out / "search", progress=progress,
                    stop_after_epoch=out_of_time)
     epochs = search.best_epoch or search.epochs
     log(f"sizing: search stopped after {search.epochs} epoch(s), best {epochs}; refit on train+valid for {epochs}")

@@ -38,7 +38,7 @@ from recsys_assets.bert4rec.data import (
 from recsys_assets.bert4rec.distributed import DistContext, all_reduce_sum, barrier, broadcast_object, current_context
 from recsys_assets.bert4rec.model import BERT4Rec, BERT4RecConfig, save_model
 from recsys_assets.data.split import EvalSet, FitOption, FitSplit
-from recsys_serving.contract import FIRST_ITEM_TOKEN
+from recsys_serving.contract import FIRST_ITEM_TOKEN, PredictionTarget
 from recsys_assets.evaluation.metrics import full_ranks, ranking_metrics
 
 LOG_FILE = "training_log.json"
@@ -51,6 +51,10 @@ class TrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     fit: FitOption = "train"
+    target: PredictionTarget = Field(
+        default_factory=PredictionTarget,
+        description="what is predicted: next_item, or next_purchase with its target event types",
+    )
     seed: int = 0
     epochs: int = Field(50, ge=1)
     max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps")
@@ -388,11 +392,11 @@ def evaluate(
     model: BERT4Rec, eval_set: EvalSet, max_len: int, batch_size: int = 512, device: torch.device | None = None,
     amp: torch.dtype | None = None, ks: tuple[int, ...] = EVAL_KS,
 ) -> dict[str, float]:
-    """Full-ranking leave-one-out metrics (history removed, pessimistic ties)."""
+    """Full-ranking leave-one-out metrics (history removed where the target says so, pessimistic ties)."""
     device = device or next(model.parameters()).device
     ranks = np.empty(len(eval_set), dtype=np.int64)
     for rows, scores in score_eval_set(model, eval_set, max_len, batch_size, device, amp):
-        ranks[rows] = full_ranks(scores, eval_set.targets[rows], [eval_set.histories[r] for r in rows])
+        ranks[rows] = full_ranks(scores, eval_set.targets[rows], eval_set.excluded(rows))
     return ranking_metrics(ranks, ks)
 
 
@@ -427,9 +431,11 @@ def train(
         torch.set_num_threads(cfg.num_threads)
     if device.type == "cpu":
         keep_cpu_allocations_mapped()
-    split = data.split(cfg.fit) if isinstance(data, SequenceData) else data
+    split = data.split(cfg.fit, cfg.target) if isinstance(data, SequenceData) else data
     if split.fit != cfg.fit:
         raise ValueError(f"data was split for fit={split.fit!r} but the config says fit={cfg.fit!r}")
+    if split.target != cfg.target:
+        raise ValueError(f"data was split for {split.target.label()} but the config says {cfg.target.label()}")
     if model_config.vocab_size < len(split.item_counts):
         raise ValueError(f"model vocab_size {model_config.vocab_size} < data vocabulary {len(split.item_counts)}")
     amp = resolve_amp(cfg, device, model_config.hidden)
@@ -438,8 +444,8 @@ def train(
     torch.manual_seed(cfg.seed)
     model = BERT4Rec(model_config).to(device)
     contexts = _usable_contexts(split, model_config)
-    index = ExampleIndex(split.sequences, cfg.batching, model_config.max_len)
-    builder = BatchBuilder(split.sequences, contexts, index, cfg.seed)
+    index = ExampleIndex(split.sequences, cfg.batching, model_config.max_len, split.target_masks)
+    builder = BatchBuilder(split.sequences, contexts, index, cfg.seed, split.target_masks)
     sampler = NegativeSampler(split.item_counts, cfg, cfg.seed) if cfg.loss == "sampled" else None
     log_q = sampler.log_q.to(device) if sampler is not None else None
     steps_per_epoch = math.ceil(index.examples_per_epoch() / cfg.batching.batch_size)
@@ -588,6 +594,7 @@ def _finish(
     seconds = [r["seconds"] for r in state.log]
     info = {
         "fit": cfg.fit,
+        "target": cfg.target.to_dict(),
         "train_config": json.loads(cfg.model_dump_json()),
         "best_epoch": state.best_epoch,
         "best_valid": best_valid,

@@ -33,6 +33,7 @@ from recsys_serving.contract import (
     EVENT_TYPE_TOKENS,
     FIRST_ITEM_TOKEN,
     PAD_TOKEN,
+    PredictionTarget,
     recsys_home_path,
 )
 from recsys_serving.model import Encoded, History, MaskContext, OnnxRanker, encode
@@ -66,6 +67,11 @@ class BundleScorer:
         return self.bundle.version
 
     @property
+    def target(self) -> PredictionTarget:
+        """What the bundle's model predicts (its manifest; next_item for bundles written before)."""
+        return self.bundle.manifest.model.prediction_target
+
+    @property
     def top_k(self) -> int:
         return self.ranker.top_k
 
@@ -77,6 +83,7 @@ class BundleScorer:
             "scores": "exact (graph output 'scores')" if self.exact
             else f"graph top-{self.top_k} only, -inf elsewhere (no 'scores' output)",
             "inputs": list(self.ranker.input_names),
+            "target": self.target.to_dict(),
             "n_items": len(self.bundle.vocabulary.items),
         }
 
@@ -185,7 +192,8 @@ def evaluate_bundle_on_histories(
     contexts: dict[str, list[list]] | None = None,
     intra_threads: int = 2,
 ) -> dict[str, float]:
-    """HR@k, NDCG@k (each k), MRR over full ranking (history removed, pessimistic ties), "n" and
+    """HR@k, NDCG@k (each k), MRR over full ranking (history removed where the bundle's target
+    removes it, pessimistic ties), "n" and
     "unknown_target_share", in item-id space: histories of item ids, one target item id each.
 
     A target the bundle does not know counts as a miss (0 for every metric). `contexts` (optional,
@@ -214,12 +222,13 @@ def evaluate_bundle_on_histories(
     eval_set = EvalSet(
         split="test", user_ids=np.arange(n).astype(str).astype(object), histories=token_histories,
         targets=token_targets, source_rows=np.arange(n), context=context_tokens,
+        removes_history=scorer.target.removes_history,
     )
     score = scorer.scorer(items, context_values)
     ranks = np.empty(n, dtype=np.float64)
     for start in range(0, n, 1024):  # users per scorer call, as evaluate's default batch
         batch = eval_set.subset(slice(start, start + 1024))
-        ranks[start : start + len(batch)] = full_ranks(score(batch), batch.targets, batch.histories)
+        ranks[start : start + len(batch)] = full_ranks(score(batch), batch.targets, batch.excluded(slice(None)))
     unknown = token_targets >= len(scorer.bundle.vocabulary.items) + FIRST_ITEM_TOKEN
     ranks[unknown] = np.inf  # a miss, whatever the catalogue size (per_user_metrics: 0 everywhere)
     return {**ranking_metrics(ranks, ks), "n": float(n), "unknown_target_share": float(unknown.mean())}

@@ -32,7 +32,7 @@ import numpy as np
 import polars as pl
 
 from recsys_assets.data.split import EvalSet, FitOption, FitSplit, Split, check_held_out_items, leave_one_out
-from recsys_serving.contract import FIRST_ITEM_TOKEN
+from recsys_serving.contract import FIRST_ITEM_TOKEN, PredictionTarget
 from recsys_assets.evaluation.metrics import (
     DEFAULT_KS,
     bootstrap_ci,
@@ -83,16 +83,22 @@ def _require(frame: pl.DataFrame, columns: Sequence[str], what: str) -> None:
         raise ValueError(f"{what} needs tokenized_sequences columns {missing}; got {frame.columns}")
 
 
-def split_rows(rows: pl.DataFrame, fit: FitOption = "train", with_context: bool = True) -> FitSplit:
+def split_rows(
+    rows: pl.DataFrame, fit: FitOption = "train", with_context: bool = True, target: PredictionTarget | None = None
+) -> FitSplit:
     """The leave-one-out split (`recsys_assets.data.split.leave_one_out`) of `tokenized_sequences`
-    rows, after checking their stored ``valid_item`` / ``test_item`` against it."""
+    rows for `target` (default next_item), after checking their stored ``valid_item`` /
+    ``test_item`` against the next_item split they hold."""
     _require(rows, ["user_id", "tokens"], "the leave-one-out split")
     user_ids = rows.get_column("user_id").cast(pl.Utf8).to_numpy()
     tokens = [t.astype(np.int64) for t in _list_column(rows, "tokens")]
     held_out = {c.removesuffix("_item"): rows.get_column(c).to_list() for c in ("valid_item", "test_item") if c in rows.columns}
     check_held_out_items(user_ids, tokens, held_out)  # type: ignore[arg-type]
     names = [c for c in CONTEXT_COLUMNS if c in rows.columns] if with_context else []
-    return leave_one_out(user_ids, tokens, fit, {name: _list_column(rows, name) for name in names})
+    if target is not None and not target.every_event and "event_types" not in names:
+        _require(rows, ["event_types"], f"target {target.label()}")
+        names.append("event_types")  # which events are targets
+    return leave_one_out(user_ids, tokens, fit, {name: _list_column(rows, name) for name in names}, target=target)
 
 
 def fit_sequences(rows: pl.DataFrame, fit: FitData = "train") -> list[np.ndarray]:
@@ -102,13 +108,15 @@ def fit_sequences(rows: pl.DataFrame, fit: FitData = "train") -> list[np.ndarray
     return split_rows(rows, fit, with_context=False).sequences
 
 
-def make_eval_set(rows: pl.DataFrame, split: Split = "valid") -> EvalSet:
-    """Eval set of the users whose `split` target is known (at least 3 items)."""
+def make_eval_set(rows: pl.DataFrame, split: Split = "valid", target: PredictionTarget | None = None) -> EvalSet:
+    """Eval set of the users whose `split` target is known (next_item: at least 3 items; next_purchase:
+    two target events with an event before the first)."""
     if split not in ("valid", "test"):
         raise ValueError(f"split must be 'valid' or 'test', got {split!r}")
-    eval_set = getattr(split_rows(rows, "train"), split)
+    eval_set = getattr(split_rows(rows, "train", target=target), split)
     if len(eval_set) == 0:
-        raise ValueError(f"no user has a {split}_item (users need at least 3 items): nothing to evaluate")
+        need = "at least 3 items" if target is None or target.every_event else f"two {target.label()} events"
+        raise ValueError(f"no user has a {split} target (users need {need}): nothing to evaluate")
     return eval_set
 
 
@@ -275,7 +283,6 @@ def evaluate(
     for start in range(0, len(eval_set), batch_size):
         stop = min(start + batch_size, len(eval_set))
         batch = eval_set.subset(slice(start, stop))
-        hist = batch.histories
         scores = scorer(batch)
         if hasattr(scores, "detach"):
             scores = scores.detach().cpu().numpy()
@@ -285,7 +292,7 @@ def evaluate(
         targets = batch.targets
         for protocol, n in sizes.items():
             if n is None:
-                ranks[protocol].append(full_ranks(scores, targets, hist))
+                ranks[protocol].append(full_ranks(scores, targets, batch.excluded(slice(None))))
             else:
                 ranks[protocol].append(sampled_ranks(scores, targets, negs[n][start:stop]))
     all_ranks = {p: np.concatenate(r) for p, r in ranks.items()}

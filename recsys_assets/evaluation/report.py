@@ -45,6 +45,7 @@ import numpy as np
 from recsys_assets.config import reports_dir
 from recsys_assets.evaluation.metrics import bootstrap_means, lift_samples
 from recsys_assets.evaluation.protocol import EvaluationResult
+from recsys_serving.contract import PredictionTarget
 
 MODEL_NAME = "bert4rec"
 CHAMPION_NAME = "champion"  # the served bundle, scored beside the challenger (never a baseline)
@@ -121,7 +122,7 @@ def build_metrics_document(
     champion: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The content of metrics.json (see module docstring); `champion` describes the champion
-    (status "scored" | "refused" | "none", version, reason), whose figures are in `results`."""
+    (status "scored" | "refused" | "other_target" | "none", version, reason), whose figures are in `results`."""
     if not results:
         raise ValueError("no evaluation results to report")
     doc: dict[str, Any] = {
@@ -218,6 +219,8 @@ def gate_decision(
                            f"{champ:.4f} x (1 - {tolerance}) = {threshold:.4f}; the champion keeps serving")
     elif out["champion_status"] == "refused":
         reasons.append(f"{label} could not be scored ({info.get('reason')}): compared with the baselines only")
+    elif out["champion_status"] == "other_target":
+        reasons.append(f"{label} is not comparable ({info.get('reason')}): compared with the baselines only")
     elif out["champion_status"] == "scored":
         passed = False
         reasons.append(f"{label} was scored but the report has no {protocol} {metric} for {champion!r}")
@@ -388,10 +391,14 @@ def summary_sentences(doc: Mapping[str, Any], metric: str = "NDCG@10") -> list[s
     others = [n for n in full if n != MODEL_NAME]
     n_users = ds.get("n_users_evaluated") or doc.get("n_users", {}).get(MODEL_NAME)
     held_out = {"test": "last", "valid": "second-to-last"}.get(str(cfg.get("split")), "held-out")
+    target = PredictionTarget.from_dict(cfg.get("target"))
+    what = "item" if target.every_event else f"{' or '.join(target.event_types)} event"
     users = f"{n_users:,} users" if isinstance(n_users, int) else "the users"
     out = [
-        f"BERT4Rec was compared with {', '.join(MODEL_LABELS.get(n, n) for n in others)} on the {held_out} item of "
-        f"{users} of {ds.get('name', 'the data')}, each item ranked against the whole catalogue."
+        f"BERT4Rec was compared with {', '.join(MODEL_LABELS.get(n, n) for n in others)} on the {held_out} {what} of "
+        f"{users} of {ds.get('name', 'the data')}, each item ranked against the whole catalogue"
+        + ("." if target.every_event else f" (target {target.name}: every event is an input, only "
+           f"{' and '.join(target.event_types)} events are predicted).")
     ]
     ours = full.get(MODEL_NAME, {}).get(metric)
     rivals = [(n, full[n].get(metric)) for n in others if full[n].get(metric) is not None]
@@ -454,11 +461,14 @@ def render_html(doc: Mapping[str, Any], images: Mapping[str, Path]) -> str:
         "<h2>Summary</h2><p class='summary'>" + " ".join(html.escape(x) for x in summary_sentences(doc)) + "</p>",
         f"<p>Created {html.escape(str(doc.get('created_at')))}. Dataset: <b>{html.escape(str(ds.get('name', '?')))}</b>. "
         f"Split: <b>{html.escape(str(cfg.get('split', '?')))}</b>. Fit data: <b>{html.escape(str(cfg.get('fit', '?')))}</b> "
-        f"({html.escape(str(cfg.get('fit_description', '')))}); models and baselines learn from the same data.</p>",
+        f"({html.escape(str(cfg.get('fit_description', '')))}); models and baselines learn from the same data. "
+        f"Target: <b>{html.escape(PredictionTarget.from_dict(cfg.get('target')).label())}</b>.</p>",
         "<p>Leave-one-out; <i>full</i> ranks the target against every item, <i>sampled_pop&lt;n&gt;</i> against n "
-        "popularity-sampled negatives (never the user's own items, the same for every model). Items already in the "
-        "history are removed (the target stays rankable); ties count against the model. Brackets: 95% bootstrap "
-        "interval over users.</p>",
+        "popularity-sampled negatives (never the user's own items, the same for every model). "
+        + ("Items already in the history are removed (the target stays rankable)"
+           if cfg.get("history_removed", True) else
+           "Items already in the history stay rankable (a shopper often buys what they viewed)")
+        + "; ties count against the model. Brackets: 95% bootstrap interval over users.</p>",
     ]
     gate = doc.get("gate")
     if gate:
@@ -486,6 +496,11 @@ def render_html(doc: Mapping[str, Any], images: Mapping[str, Path]) -> str:
                 f"({html.escape(str(champion.get('scores', '')))}). Targets it does not know: "
                 f"{_fmt(champion.get('unknown_target_share'))}; users with no history item it knows: "
                 f"{_fmt(champion.get('cold_start_share'))} (both rank as misses).</p>"
+            )
+        elif status == "other_target":
+            parts.append(
+                f"<p>The served bundle {html.escape(str(champion.get('version')))} is not scored: "
+                f"{html.escape(str(champion.get('reason')))}. The gate compares with the baselines only.</p>"
             )
         elif status == "refused":
             parts.append(

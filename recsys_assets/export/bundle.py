@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 import duckdb
 from pydantic import BaseModel
 
-from recsys_serving.contract import CURRENT_BUNDLE, FIRST_ITEM_TOKEN
+from recsys_serving.contract import CURRENT_BUNDLE, FIRST_ITEM_TOKEN, PredictionTarget
 from recsys_assets.evaluation.report import CHAMPION_NAME, MODEL_NAME, gate_decision
 from recsys_serving.bundle import (
     BUNDLE_FORMAT_VERSION,
@@ -86,15 +86,19 @@ def popularity_document(
     top_global: int = 1000,
     top_group: int = 300,
     min_group_events: int = 100,
+    target: PredictionTarget | None = None,
 ) -> dict[str, Any]:
     """Most interacted items over the last `window_days` of the data (all of it when the data has
     no timestamps or the window is None), globally and per device / segment value with at least
-    `min_group_events` events. Score = share of the window's events."""
+    `min_group_events` events. Score = share of the window's events; for next_purchase, of its
+    target events (the fallback answers the same question as the model)."""
     (max_ts,) = con.execute(f'SELECT max(ts) FROM "{cleaned_table}"').fetchone() or (None,)
     where = "true"
+    if target is not None and not target.every_event:
+        where = "event_type IN (" + ", ".join(f"'{t}'" for t in target.event_types) + ")"
     window: dict[str, Any] = {"days": None, "end": None}
     if window_days is not None and max_ts is not None:
-        where = f"ts > TIMESTAMP '{max_ts}' - INTERVAL {int(window_days)} DAY"
+        where += f" AND ts > TIMESTAMP '{max_ts}' - INTERVAL {int(window_days)} DAY"
         window = {"days": window_days, "end": str(max_ts)}
 
     def ranked(group: str | None, top: int) -> dict[str, list[dict[str, Any]]]:
@@ -380,8 +384,9 @@ def evaluate_gate(root: Path, metrics: Mapping[str, Any], tolerance: float) -> G
     )
 
 
-def model_spec_for(config: Any, export_report: Any) -> ModelSpec:
-    """The manifest's model section from a BERT4RecConfig and an onnx_export.ExportReport."""
+def model_spec_for(config: Any, export_report: Any, target: PredictionTarget | None = None) -> ModelSpec:
+    """The manifest's model section from a BERT4RecConfig, an onnx_export.ExportReport and the
+    target the model was trained for."""
     return ModelSpec(
         architecture="bert4rec",
         max_len=config.max_len,
@@ -390,6 +395,7 @@ def model_spec_for(config: Any, export_report: Any) -> ModelSpec:
         inputs=export_report.inputs,
         outputs=export_report.outputs,
         opset=export_report.opset,
+        target=(target or PredictionTarget()).to_dict(),
         config={**config.model_dump(), "contexts": export_report.contexts},
     )
 
