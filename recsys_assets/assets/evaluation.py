@@ -29,7 +29,7 @@ from recsys_assets.evaluation.baselines import BASELINES, fit_baselines
 from recsys_assets.evaluation.bundle_scorer import BundleScorer
 from recsys_assets.evaluation.metrics import DEFAULT_KS
 from recsys_assets.evaluation.protocol import (
-    FIT_DESCRIPTIONS,
+    fit_description,
     EvalSet,
     FitData,
     Split,
@@ -212,7 +212,7 @@ def baselines(
         {
             "users_evaluated": len(eval_set),
             "target": target.label(),
-            "fit": FIT_DESCRIPTIONS["train"],
+            "fit": fit_description("train", target),
             "metrics": MetadataValue.md(headline_markdown(doc)),
             "seconds": round(time.perf_counter() - started, 1),
         }
@@ -221,7 +221,7 @@ def baselines(
         "split": "valid",
         "fit": "train",
         "target": target.to_dict(),
-        "fit_description": FIT_DESCRIPTIONS["train"],
+        "fit_description": fit_description("train", target),
         "vocab_size": vocab_size,
         "n_fit_sequences": len(train),
         "n_users": len(eval_set),
@@ -395,7 +395,7 @@ def evaluation_report(
         "target": target.to_dict(),
         "target_label": target.label(),
         "fit": fit,
-        "fit_description": FIT_DESCRIPTIONS[fit],
+        "fit_description": fit_description(fit, target),
         "protocols": protocols,
         "ks": list(config.ks),
         "seed": config.seed,
@@ -434,7 +434,7 @@ def evaluation_report(
         "gate_passed": gate["passed"],
         "gate_reasons": MetadataValue.md("\n".join(f"- {r}" for r in gate["reasons"])),
         "target": target.label(),
-        "fit": FIT_DESCRIPTIONS[fit],
+        "fit": fit_description(fit, target),
         "users_evaluated": len(eval_set),
         "report": MetadataValue.path(str(paths.report_html)),
         "seconds": round(time.perf_counter() - started, 1),

@@ -48,6 +48,19 @@ FIT_DESCRIPTIONS: dict[str, str] = {
     "train": "fit on all but the last two items of each user (train_tokens)",
     "train+valid": "fit on all but the last item of each user (validation folded in)",
 }
+_PURCHASE_FIT_DESCRIPTIONS: dict[str, str] = {
+    "train": "fit on every event before each user's second-to-last {what} event",
+    "train+valid": "fit on every event before each user's last {what} event (validation folded in)",
+}
+
+
+def fit_description(fit: str, target: PredictionTarget | None = None) -> str:
+    """What models learn from under `fit`, in words, for `target` (default next_item)."""
+    if target is None or target.every_event:
+        return FIT_DESCRIPTIONS[fit]
+    return _PURCHASE_FIT_DESCRIPTIONS[fit].format(what=" or ".join(target.event_types))
+
+
 CONTEXT_COLUMNS: tuple[str, ...] = ("event_types", "tod", "devices", "segments", "ts")
 HISTORY_LENGTH_SLICES: tuple[tuple[str, int, int | None], ...] = (("1-3", 1, 3), ("4-10", 4, 10), ("11+", 11, None))
 POPULARITY_SHARES: tuple[float, float] = (0.5, 0.8)
