@@ -17,6 +17,7 @@ from recsys_assets.bert4rec.model import BERT4RecConfig, load_model
 from recsys_assets.bert4rec.train import TrainConfig, evaluate, train
 from recsys_assets.evaluation.baselines import PopularityRecommender
 from recsys_assets.evaluation.metrics import full_ranks, ranking_metrics
+from recsys_assets.resources import PredictionTargetResource
 
 N_ITEMS = 60
 FIRST = 2
@@ -102,9 +103,10 @@ def test_asset_trains_from_the_warehouse(tmp_path, monkeypatch) -> None:
         train_overrides_json=json.dumps({"checkpoint_every": None}),
     )
     context = build_asset_context()
-    out = bert4rec_model(context, config, **refs)
+    out = bert4rec_model(context, config, **refs, prediction_target=PredictionTargetResource())
     assert {"path", "run_id", "config", "best_valid", "epochs", "seconds_per_epoch", "fit"} <= out.keys()
     assert out["run_id"] == "test-run" and out["fit"] == "train" and out["epochs"] == 2
+    assert out["target"] == {"name": "next_item", "event_types": []}
     assert Path(out["path"]) == tmp_path / "home" / "models" / "test-run"
     assert out["config"]["n_devices"] == 3 and out["config"]["n_segments"] == 1  # segments all unknown
     assert 0.0 <= out["best_valid"]["NDCG@10"] <= 1.0
@@ -136,7 +138,7 @@ def test_auto_sizes_by_the_budget_searches_on_validation_and_refits_on_train_val
     assert BERT4RecTrainingConfig().preset == "auto"
     config = BERT4RecTrainingConfig(run_id="auto-run", budget_minutes=10.0, num_threads=1,
                                     train_overrides_json=json.dumps({"checkpoint_every": None}))
-    out = bert4rec_model(build_asset_context(), config, **refs)
+    out = bert4rec_model(build_asset_context(), config, **refs, prediction_target=PredictionTargetResource())
     sizing = out["sizing"]
     assert sizing["network"].startswith("client") and sizing["budget_seconds"] == 600.0
     assert sizing["max_epochs"] >= MIN_EPOCHS and sizing["costs"][0]["affordable_epochs"] >= MIN_EPOCHS
