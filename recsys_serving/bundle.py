@@ -27,6 +27,7 @@ import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
@@ -101,8 +102,9 @@ class ModelSpec(BaseModel):
     def _known_target(cls, value: dict[str, Any]) -> dict[str, Any]:
         return PredictionTarget.from_dict(value).to_dict()  # raises ValueError on an unknown target
 
-    @property
+    @cached_property
     def prediction_target(self) -> PredictionTarget:
+        # read on every request (serving's state): parsed once per loaded manifest
         return PredictionTarget.from_dict(self.target)
 
 

@@ -245,7 +245,7 @@ class ExampleIndex:
             where = np.flatnonzero(mask)
             if windows == "last":
                 where = where[-1:]
-            elif len(where) > 1 or (len(where) == 1 and where[0] > 0):
+            elif len(where) > 1:
                 where = where[where >= 1]
             seq_parts.append(np.full(len(where), i, dtype=np.int64))
             end_parts.append(where.astype(np.int64) + 1)

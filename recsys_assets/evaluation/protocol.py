@@ -31,7 +31,15 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import polars as pl
 
-from recsys_assets.data.split import EvalSet, FitOption, FitSplit, Split, check_held_out_items, leave_one_out
+from recsys_assets.data.split import (
+    MIN_EVALUATED_ITEMS,
+    EvalSet,
+    FitOption,
+    FitSplit,
+    Split,
+    check_held_out_items,
+    leave_one_out,
+)
 from recsys_serving.contract import FIRST_ITEM_TOKEN, PredictionTarget
 from recsys_assets.evaluation.metrics import (
     DEFAULT_KS,
@@ -128,7 +136,8 @@ def make_eval_set(rows: pl.DataFrame, split: Split = "valid", target: Prediction
         raise ValueError(f"split must be 'valid' or 'test', got {split!r}")
     eval_set = getattr(split_rows(rows, "train", target=target), split)
     if len(eval_set) == 0:
-        need = "at least 3 items" if target is None or target.every_event else f"two {target.label()} events"
+        need = (f"at least {MIN_EVALUATED_ITEMS} items" if target is None or target.every_event
+                else f"two {target.label()} events")
         raise ValueError(f"no user has a {split} target (users need {need}): nothing to evaluate")
     return eval_set
 
