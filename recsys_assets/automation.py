@@ -53,10 +53,12 @@ from recsys_serving.contract import DRIFT_VERDICTS, RETRAIN_VERDICTS
 
 RETRAIN_JOB = "retrain_job"
 DRIFT_JOB = "drift_job"
+NEW_ITEMS_JOB = "new_items_job"
 CODE_LOCATION = "recsys"  # the location name in workspace.yaml
 DRIFT_REPORT = AssetKey("drift_report")
 CLEANED_INTERACTIONS = AssetKey("cleaned_interactions")
 QUARANTINED_EVENTS = AssetKey("quarantined_events")
+NEW_ITEM_BUNDLE = AssetKey("new_item_bundle")
 
 # Tags on the runs that automation requests (Dagster reserves the `dagster/` prefix).
 TRIGGER_TAG = "recsys/trigger"
@@ -73,13 +75,14 @@ class AutomationSettings(BaseSettings):
 
     retrain_cron: str = Field(default="0 3 * * 1", description="weekly retrain_job: Monday 03:00")
     drift_cron: str = Field(default="0 2 * * *", description="daily drift_job: 02:00")
-    schedule_timezone: str = Field(default="UTC", description="IANA time zone of both crons")
+    new_items_cron: str = Field(default="0 4 * * *", description="daily new_items_job: 04:00")
+    schedule_timezone: str = Field(default="UTC", description="IANA time zone of the crons")
     retrain_cooldown_h: float = Field(default=24.0, ge=0, description="hours after a retrain_job run during which drift does not retrain (0: never wait)")
     alert_webhook_url: AnyHttpUrl | None = Field(default=None, description="where run failures are POSTed as JSON")
     alert_webhook_timeout_s: float = Field(default=5.0, gt=0, le=60)
     dagster_ui_url: AnyHttpUrl = Field(default=AnyHttpUrl("http://127.0.0.1:3000"), description="base of the run links in alerts")
 
-    @field_validator("retrain_cron", "drift_cron")
+    @field_validator("retrain_cron", "drift_cron", "new_items_cron")
     @classmethod
     def _valid_cron(cls, value: str) -> str:
         from dagster._utils.schedules import is_valid_cron_string  # the parser the scheduler itself uses
@@ -125,34 +128,40 @@ drift_job = define_asset_job(
     "drift sensor reads to request a retrain).",
 )
 
+# Items that arrived since the served model was trained, added to it between retrains (with the
+# quarantine of the re-cleaned rows, as drift_job).
+new_items_job = define_asset_job(
+    NEW_ITEMS_JOB,
+    selection=AssetSelection.assets(NEW_ITEM_BUNDLE).upstream() | AssetSelection.assets(QUARANTINED_EVENTS),
+    description="Fresh events to a served bundle that knows the new items: ingest, clean, tokenize, features, "
+    "new_item_bundle (no training; promoted through its gate).",
+)
+
 
 # --------------------------------------------------------------------------- schedules
 
 
 def build_schedules(settings: AutomationSettings) -> list[ScheduleDefinition]:
-    """The weekly retrain and the daily drift check, on by default: `make ui` runs the daemon that
-    ticks them, and both only do what a person could start from the UI."""
+    """The weekly retrain, the daily drift check and the daily new-item refresh, on by default: `make
+    ui` runs the daemon that ticks them, and each only does what a person could start from the UI."""
+
+    def schedule(name: str, job_name: str, setting: str) -> ScheduleDefinition:
+        cron = getattr(settings, setting)
+        return ScheduleDefinition(
+            name=name,
+            job_name=job_name,
+            cron_schedule=cron,
+            execution_timezone=settings.schedule_timezone,
+            default_status=DefaultScheduleStatus.RUNNING,
+            tags={TRIGGER_TAG: "schedule"},
+            description=f"{job_name} at `{cron}` ({settings.schedule_timezone}); "
+            f"RECSYS_{setting.upper()} / RECSYS_SCHEDULE_TIMEZONE.",
+        )
+
     return [
-        ScheduleDefinition(
-            name="weekly_retrain_schedule",
-            job_name=RETRAIN_JOB,
-            cron_schedule=settings.retrain_cron,
-            execution_timezone=settings.schedule_timezone,
-            default_status=DefaultScheduleStatus.RUNNING,
-            tags={TRIGGER_TAG: "schedule"},
-            description=f"retrain_job at `{settings.retrain_cron}` ({settings.schedule_timezone}); "
-            "RECSYS_RETRAIN_CRON / RECSYS_SCHEDULE_TIMEZONE.",
-        ),
-        ScheduleDefinition(
-            name="daily_drift_schedule",
-            job=drift_job,
-            cron_schedule=settings.drift_cron,
-            execution_timezone=settings.schedule_timezone,
-            default_status=DefaultScheduleStatus.RUNNING,
-            tags={TRIGGER_TAG: "schedule"},
-            description=f"drift_job at `{settings.drift_cron}` ({settings.schedule_timezone}); "
-            "RECSYS_DRIFT_CRON / RECSYS_SCHEDULE_TIMEZONE.",
-        ),
+        schedule("weekly_retrain_schedule", RETRAIN_JOB, "retrain_cron"),
+        schedule("daily_drift_schedule", DRIFT_JOB, "drift_cron"),
+        schedule("daily_new_items_schedule", NEW_ITEMS_JOB, "new_items_cron"),
     ]
 
 
@@ -322,7 +331,7 @@ def run_success_metrics(context: RunStatusSensorContext) -> None:
 
 # --------------------------------------------------------------------------- composed by definitions.py
 
-jobs = [drift_job]
+jobs = [drift_job, new_items_job]
 schedules = build_schedules(load_settings())
 sensors = [drift_retrain_sensor, run_failure_alert, run_success_metrics]
 

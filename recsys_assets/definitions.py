@@ -5,16 +5,27 @@ from __future__ import annotations
 from dagster import AssetSelection, Definitions, define_asset_job, in_process_executor
 
 from recsys_assets import automation
-from recsys_assets.assets import cleaning, evaluation, export, features, ingest, monitoring, sequences, training
+from recsys_assets.assets import (
+    cleaning,
+    evaluation,
+    export,
+    features,
+    ingest,
+    monitoring,
+    new_items,
+    sequences,
+    training,
+)
 from recsys_assets.io_manager import DuckDBTableIOManager, JsonArtifactIOManager
 from recsys_assets.resources import PredictionTargetResource, WarehouseResource
 
-STAGES = [ingest, cleaning, sequences, features, training, evaluation, export, monitoring]
+STAGES = [ingest, cleaning, sequences, features, training, evaluation, export, new_items, monitoring]
 
 retrain_job = define_asset_job(
     automation.RETRAIN_JOB,
-    # drift_report is monitoring: drift_job makes it, training does not read it.
-    selection=AssetSelection.all() - AssetSelection.assets(automation.DRIFT_REPORT),
+    # drift_report is monitoring (drift_job makes it) and new_item_bundle grows a served bundle
+    # between retrains (new_items_job): training reads neither.
+    selection=AssetSelection.all() - AssetSelection.assets(automation.DRIFT_REPORT, automation.NEW_ITEM_BUNDLE),
     description="Raw events to a served model: ingest, clean, tokenize, train, evaluate, export, promote.",
 )
 

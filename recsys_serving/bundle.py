@@ -7,7 +7,9 @@ A bundle is a write-once directory::
     model.onnx       BERT4Rec with masking and top-K inside the graph (see MODEL_INPUTS/OUTPUTS)
     model.plan       TensorRT engine, only where one was built (GPU)
     vocabulary.json  token <-> item id (+ category), context value -> token
-    popularity.json  fallback lists: global, per segment, per device
+    popularity.json  fallback lists: global, and per device / segment / time of day and their combinations
+    ann_index.faiss  only with an ANN ranking (ModelSpec.ranking): FAISS index over the items
+    ann_items.npy    ... and its exact fp32 rescoring table
 
 This module defines the format (the writer in recsys_assets.export.bundle imports it) and reads it
 for serving. It never imports torch or recsys_assets, so the service image stays small.
@@ -25,7 +27,7 @@ import hashlib
 import json
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -34,9 +36,15 @@ from typing import Any, Literal
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
-from recsys_serving.contract import CONTEXT_FIELDS, FIRST_ITEM_TOKEN, PredictionTarget, recsys_home_path
+from recsys_serving.contract import (
+    CONTEXT_FIELDS,
+    FIRST_ITEM_TOKEN,
+    TIME_OF_DAY_BUCKETS,
+    PredictionTarget,
+    recsys_home_path,
+)
 
 BUNDLE_FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
@@ -45,6 +53,9 @@ PLAN_FILE = "model.plan"
 VOCABULARY_FILE = "vocabulary.json"
 POPULARITY_FILE = "popularity.json"
 SIGNATURE_FILE = "manifest.sig"
+ANN_INDEX_FILE = "ann_index.faiss"  # bundles exported with item_table="ann" (AnnRanking)
+ANN_TABLE_FILE = "ann_items.npy"
+ANN_QUERY_OUTPUT = "query"  # the one output of an ANN bundle's graph: the [MASK] query [B, hidden]
 REQUIRED_FILES: tuple[str, ...] = (MODEL_FILE, VOCABULARY_FILE, POPULARITY_FILE)
 
 # The graph interface serving relies on. Context inputs are optional (a model trained without a
@@ -79,6 +90,30 @@ class FileEntry(BaseModel):
     bytes: int = Field(ge=0)
 
 
+class AnnRanking(BaseModel):
+    """The approximate nearest-neighbour ranking stage of a bundle exported with item_table="ann"
+    (recsys_serving.ann runs it). model.onnx then takes the inputs but `exclude` and outputs the
+    [MASK] query [B, hidden]; the FAISS inner-product index over the item tokens' rows [item vector,
+    output bias], zero-padded to `index_dim`, searched with [query, 1, 0...], proposes `candidates`
+    tokens; they are rescored exactly in fp32 against `table_file` ([vocab_size, hidden + 1]: the
+    same rows, one per token), history and PAD/MASK left out, to the model's top_k. `inputs` and
+    `outputs` of the ModelSpec stay the served interface (graph + this stage)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["faiss"] = "faiss"
+    index_file: str = ANN_INDEX_FILE
+    table_file: str = ANN_TABLE_FILE
+    factory: str = Field(description="the FAISS index_factory string the index was built with, for people")
+    index_dim: int = Field(ge=2, description="width of the index's vectors (hidden + 1, zero-padded)")
+    candidates: int = Field(ge=1, description="neighbours asked from the index, then rescored exactly")
+    nprobe: int | None = Field(None, ge=1, description="IVF cells searched (IVF indexes only)")
+
+    @property
+    def files(self) -> tuple[str, str]:
+        return self.index_file, self.table_file
+
+
 class ModelSpec(BaseModel):
     """What serving needs to know to feed the graph."""
 
@@ -96,6 +131,7 @@ class ModelSpec(BaseModel):
         description="what the model predicts (contract.PredictionTarget); next_item when absent",
     )
     config: dict[str, Any] = Field(default_factory=dict, description="the training config, for people")
+    ranking: AnnRanking | None = Field(None, description="an ANN ranking stage after the graph; None: top-K in the graph")
 
     @field_validator("target")
     @classmethod
@@ -280,6 +316,11 @@ def _read_manifest(path: Path, public_keys: Sequence[PublicKey] | None) -> tuple
         raise BundleRefused(path, f"model inputs {manifest.model.inputs} not understood (expected {MODEL_INPUTS})")
     if not {"top_scores", "top_tokens"} <= set(manifest.model.outputs):
         raise BundleRefused(path, f"model outputs {manifest.model.outputs} lack top_scores/top_tokens")
+    ranking = manifest.model.ranking
+    if ranking is not None:
+        unlisted = [name for name in ranking.files if name not in manifest.files]
+        if unlisted:
+            raise BundleRefused(path, f"the ANN ranking's {unlisted} are not listed in the manifest")
     return manifest, signed_by
 
 
@@ -360,23 +401,143 @@ class PopularItem(BaseModel):
     score: float
 
 
+# The request context a popularity list can be specific to; in the document every value is a string
+# (time_of_day: the contract's token, "1".."TIME_OF_DAY_BUCKETS").
+ContextDimension = Literal["device", "segment", "time_of_day"]
+CONTEXT_DIMENSIONS: tuple[ContextDimension, ...] = ("device", "segment", "time_of_day")
+TIME_OF_DAY_VALUES: frozenset[str] = frozenset(str(t) for t in range(1, TIME_OF_DAY_BUCKETS + 1))
+# The lists a fallback looks for, most specific first: all three dimensions, then pairs, then single
+# dimensions, then global; the first the bundle has for the request's values answers (and the next
+# ones top it up). The writer builds exactly these. Among pairs and among singles: time of day, then
+# device, then segment, as benchmarks/cold_start_users.py ranked them (README: new users); device
+# before segment keeps the order bundles had before context lists.
+POPULARITY_CHOICE_ORDER: tuple[tuple[ContextDimension, ...], ...] = (
+    ("device", "segment", "time_of_day"),
+    ("device", "time_of_day"),
+    ("segment", "time_of_day"),
+    ("device", "segment"),
+    ("time_of_day",),
+    ("device",),
+    ("segment",),
+)
+
+GroupKey = tuple[tuple[str, str], ...]  # ((dimension, value), ...) in CONTEXT_DIMENSIONS order
+
+
+def _group_key(context: Mapping[ContextDimension, str]) -> GroupKey:
+    return tuple((d, context[d]) for d in CONTEXT_DIMENSIONS if d in context)
+
+
+class PopularGroup(BaseModel):
+    """The most popular items among the events of one context, e.g. {"device": "mobile", "time_of_day": "4"}."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    context: dict[ContextDimension, str] = Field(min_length=1)
+    items: list[PopularItem]
+
+    @field_validator("context")
+    @classmethod
+    def _values(cls, value: dict[ContextDimension, str]) -> dict[ContextDimension, str]:
+        if any(not v.strip() for v in value.values()):
+            raise ValueError("a context value must not be empty")
+        tod = value.get("time_of_day")
+        if tod is not None and tod not in TIME_OF_DAY_VALUES:
+            raise ValueError(f"time_of_day {tod!r} is not a time-of-day token (1..{TIME_OF_DAY_BUCKETS})")
+        return value
+
+
 class Popularity(BaseModel):
-    """Fallback lists, most popular first; per-segment/device lists exist where the data had them."""
+    """Fallback lists, most popular first: global, and per context (`groups`) where the data had
+    enough events. `choose` picks the most specific one for a request (POPULARITY_CHOICE_ORDER)."""
 
     model_config = ConfigDict(extra="forbid")
 
     global_: list[PopularItem] = Field(alias="global")
-    by_segment: dict[str, list[PopularItem]] = Field(default_factory=dict)
-    by_device: dict[str, list[PopularItem]] = Field(default_factory=dict)
+    groups: list[PopularGroup] = Field(default_factory=list, description="lists per context value combination")
     window: dict[str, Any] = Field(default_factory=dict, description="what the counts cover")
+    _index: dict[GroupKey, list[PopularItem]] = PrivateAttr(default_factory=dict)
+    _values: dict[str, frozenset[str]] = PrivateAttr(default_factory=dict)
 
-    def choose(self, device: str | None, segment: str | None) -> tuple[list[PopularItem], str]:
-        """The most specific list available: device, then segment, then global."""
-        if device and device in self.by_device:
-            return self.by_device[device], f"device:{device}"
-        if segment and segment in self.by_segment:
-            return self.by_segment[segment], f"segment:{segment}"
-        return self.global_, "global"
+    @model_validator(mode="before")
+    @classmethod
+    def _per_device_and_segment_maps(cls, raw: Any) -> Any:
+        """Bundles written before context groups hold `by_device` / `by_segment` maps: read them as
+        the single-dimension groups they are."""
+        if not isinstance(raw, dict) or not ({"by_device", "by_segment"} & set(raw)):
+            return raw
+        doc = dict(raw)
+        groups = list(doc.get("groups", []))
+        for dimension, field_name in (("device", "by_device"), ("segment", "by_segment")):
+            lists = doc.pop(field_name, None) or {}
+            if not isinstance(lists, dict):
+                raise ValueError(f"{field_name} must map values to lists")
+            groups += [{"context": {dimension: value}, "items": items} for value, items in lists.items()]
+        doc["groups"] = groups
+        return doc
+
+    @model_validator(mode="after")
+    def _build_index(self) -> Popularity:
+        index: dict[GroupKey, list[PopularItem]] = {}
+        for group in self.groups:
+            key = _group_key(group.context)
+            if key in index:
+                raise ValueError(f"two popularity lists for the context {dict(key)}")
+            index[key] = group.items
+        self._index = index
+        self._values = {d: frozenset(g.context[d] for g in self.groups if d in g.context) for d in CONTEXT_DIMENSIONS}
+        return self
+
+    def knows(self, dimension: ContextDimension, value: str) -> bool:
+        """Whether some list is specific to this value (a value no list knows is chosen as if absent)."""
+        return value in self._values.get(dimension, frozenset())
+
+    def matching(
+        self, device: str | None, segment: str | None, time_of_day: int | None
+    ) -> Iterator[tuple[list[PopularItem], str]]:
+        """The lists for this request context, most specific first (then global), with their names."""
+        given: dict[ContextDimension, str] = {}
+        if device:
+            given["device"] = device
+        if segment:
+            given["segment"] = segment
+        if time_of_day:  # None or 0, the contract's unknown token: no time-of-day list applies
+            given["time_of_day"] = str(time_of_day)
+        for dimensions in POPULARITY_CHOICE_ORDER:
+            if all(d in given for d in dimensions):
+                key = _group_key({d: given[d] for d in dimensions})
+                found = self._index.get(key)
+                if found is not None:
+                    yield found, ",".join(f"{d}={v}" for d, v in key)
+        yield self.global_, "global"
+
+    def choose(
+        self, device: str | None, segment: str | None, time_of_day: int | None = None
+    ) -> tuple[list[PopularItem], str]:
+        """The most specific list for the request context (POPULARITY_CHOICE_ORDER), else global.
+        `time_of_day`: the contract's token (time_of_day_token_of); None or 0 when unknown."""
+        return next(self.matching(device, segment, time_of_day))
+
+    def ranked(
+        self,
+        device: str | None,
+        segment: str | None,
+        time_of_day: int | None,
+        k: int,
+        exclude: Collection[str] = (),
+    ) -> list[tuple[str, float]]:
+        """The fallback answer: up to `k` items of the chosen list without `exclude`, topped up from
+        the less specific lists and global where it runs short."""
+        items: list[tuple[str, float]] = []
+        seen = set(exclude)
+        for source, _ in self.matching(device, segment, time_of_day):
+            for entry in source:
+                if entry.item_id not in seen:
+                    seen.add(entry.item_id)
+                    items.append((entry.item_id, entry.score))
+                    if len(items) == k:
+                        return items
+        return items
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""ONNX Runtime inference for a bundle's BERT4Rec graph (TensorRT/CUDA providers where present)."""
+"""ONNX Runtime inference for a bundle's BERT4Rec graph (TensorRT/CUDA providers where present),
+followed by the approximate nearest-neighbour stage (recsys_serving.ann) where the manifest has one."""
 
 from __future__ import annotations
 
@@ -6,12 +7,13 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 import onnxruntime as ort
 
 from recsys_serving.bundle import (
+    ANN_QUERY_OUTPUT,
     MODEL_CONTEXT_INPUTS,
     MODEL_REQUIRED_INPUTS,
     BundleRefused,
@@ -27,6 +29,9 @@ from recsys_serving.contract import (
     history_length,
     valid_time_of_day_token,
 )
+
+if TYPE_CHECKING:  # faiss is imported only where a bundle has an ANN ranking
+    from recsys_serving.ann import AnnHead
 
 logger = logging.getLogger(__name__)
 
@@ -129,7 +134,9 @@ def _providers(use_gpu: bool, cache_dir: Path) -> list[object]:
 
 
 class OnnxRanker:
-    """One ONNX Runtime session; `rank` is thread-safe (ORT sessions allow concurrent `run`)."""
+    """One ONNX Runtime session and, for bundles with an ANN ranking (ModelSpec.ranking), its
+    index and table; `rank` is thread-safe (ORT sessions allow concurrent `run`, FAISS searches and
+    the mapped table are read-only)."""
 
     def __init__(self, bundle: LoadedBundle, intra_threads: int, use_gpu: bool, cache_dir: Path) -> None:
         spec = bundle.manifest.model
@@ -151,11 +158,23 @@ class OnnxRanker:
         except Exception as exc:  # ORT raises its own exception types (Fail, InvalidGraph, ...)
             raise BundleRefused(bundle.path, "ONNX Runtime cannot load model.onnx", detail=str(exc)) from exc
         self.providers = self.session.get_providers()
-        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.graph_inputs = [i.name for i in self.session.get_inputs()]
         output_names = [o.name for o in self.session.get_outputs()]
+        self.ann: AnnHead | None = None
+        if spec.ranking is not None:
+            # the graph outputs the query; `exclude` is the ANN stage's input, not the graph's
+            from recsys_serving.ann import AnnHead
+
+            if "exclude" in self.graph_inputs or output_names != [ANN_QUERY_OUTPUT]:
+                raise BundleRefused(bundle.path, f"graph inputs {self.graph_inputs} / outputs {output_names} "
+                                                 "are not an ANN bundle's query graph")
+            self.ann = AnnHead(bundle.path, spec.ranking, spec.vocab_size, spec.top_k)
+            self.input_names = [*self.graph_inputs, "exclude"]
+        else:
+            self.input_names = list(self.graph_inputs)
         missing = [n for n in MODEL_REQUIRED_INPUTS if n not in self.input_names]
         unknown = [n for n in self.input_names if n not in (*MODEL_REQUIRED_INPUTS, *MODEL_CONTEXT_INPUTS)]
-        if missing or unknown or not {"top_scores", "top_tokens"} <= set(output_names):
+        if missing or unknown or (self.ann is None and not {"top_scores", "top_tokens"} <= set(output_names)):
             raise BundleRefused(
                 bundle.path, f"graph inputs {self.input_names} / outputs {output_names} are not understood"
             )
@@ -183,9 +202,22 @@ class OnnxRanker:
             raise BundleRefused(self.path, f"warm-up returned shape {tokens.shape}, expected ({self.top_k},)")
 
     def rank(self, feeds: dict[str, np.ndarray], run_options: ort.RunOptions | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """-> (scores, tokens) of the graph's top-K for a batch of one, best first."""
-        scores, tokens = self.session.run(["top_scores", "top_tokens"], feeds, run_options)
+        """-> (scores, tokens) of the top-K for a batch of one, best first."""
+        scores, tokens = self.rank_batch(feeds, run_options)
         return scores[0], tokens[0]
+
+    def rank_batch(
+        self, feeds: dict[str, np.ndarray], run_options: ort.RunOptions | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Feeds of `input_names` [B, ...] -> (top_scores, top_tokens) [B, top_k], best first."""
+        if self.ann is None:
+            scores, tokens = self.session.run(["top_scores", "top_tokens"], feeds, run_options)
+            return scores, tokens
+        graph_feeds = {name: feeds[name] for name in self.graph_inputs}
+        (queries,) = self.session.run([ANN_QUERY_OUTPUT], graph_feeds, run_options)
+        if run_options is not None and run_options.terminate:  # abandoned by the model timeout
+            raise RuntimeError("the ranking was abandoned (RunOptions.terminate)")
+        return self.ann.rank(queries, feeds["exclude"])
 
     def decode(self, scores: np.ndarray, tokens: np.ndarray, k: int) -> list[tuple[str, float]]:
         """Top-K tokens -> (item id, score); masked entries (-inf: history, specials) are dropped."""

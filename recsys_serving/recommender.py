@@ -25,6 +25,7 @@ from recsys_serving.answer_log import AnswerLog
 from recsys_serving.bundle import (
     PUBLIC_KEYS_ENV,
     BundleRefused,
+    ContextDimension,
     LoadedBundle,
     Popularity,
     PublicKey,
@@ -543,39 +544,37 @@ class Recommender:
         """The cache variant of a request. A device or segment that neither the model's vocabulary nor
         the popularity lists know gives the same answer as any other such value (encode maps them to
         the unknown token, Popularity.choose skips them), so they share one variant instead of each
-        random string making its own."""
+        random string making its own. The time of day is part of it: model and fallback both use it."""
         vocabulary, popularity = state.vocabulary, state.popularity
 
-        def known(value: str | None, in_model: Mapping[str, int], in_lists: Mapping[str, object]) -> object:
-            return value if value is None or value in in_model or value in in_lists else UNKNOWN_VALUE
+        def known(dimension: ContextDimension, value: str | None, in_model: Mapping[str, int]) -> object:
+            if value is None or value in in_model or (popularity is not None and popularity.knows(dimension, value)):
+                return value
+            return UNKNOWN_VALUE
 
         return (
             state.version,
-            known(device, vocabulary.devices if vocabulary else {}, popularity.by_device if popularity else {}),
-            known(segment, vocabulary.segments if vocabulary else {}, popularity.by_segment if popularity else {}),
+            known("device", device, vocabulary.devices if vocabulary else {}),
+            known("segment", segment, vocabulary.segments if vocabulary else {}),
             tod,
         )
 
     # -- recommend ---------------------------------------------------------------------------------
 
     def _fallback(
-        self, state: ServingState, reason: FallbackReason, exclude: set[str], device: str | None, segment: str | None
+        self,
+        state: ServingState,
+        reason: FallbackReason,
+        exclude: set[str],
+        device: str | None,
+        segment: str | None,
+        tod: int,
     ) -> Answer:
-        """Popularity (device, else segment, else global list) without the `exclude` items."""
+        """Popularity for the request's context (Popularity.ranked: the most specific list of device,
+        segment and time of day, topped up from the less specific ones) without the `exclude` items."""
         self.metrics.fallbacks.labels(reason=reason.value).inc()
-        items: list[tuple[str, float]] = []
-        if state.popularity is not None:
-            chosen, _ = state.popularity.choose(device, segment)
-            seen = set(exclude)
-            for source in (chosen, state.popularity.global_):  # top up from global if a list runs short
-                for entry in source:
-                    if entry.item_id not in seen:
-                        seen.add(entry.item_id)
-                        items.append((entry.item_id, entry.score))
-                        if len(items) == MAX_K:
-                            break
-                if len(items) == MAX_K:
-                    break
+        popularity = state.popularity
+        items = popularity.ranked(device, segment, tod, MAX_K, exclude) if popularity is not None else []
         return Answer.of(items, model_version=state.version, reason=reason.value)
 
     @staticmethod
@@ -672,9 +671,9 @@ class Recommender:
                 sequence = await self._user_sequence(state, req.user_id)
             except FeatureStoreUnavailable as exc:
                 logger.warning("feature store unavailable: %s", exc)
-                return self._fallback(state, FallbackReason.FEATURE_STORE_UNAVAILABLE, set(), device, segment), False
+                return self._fallback(state, FallbackReason.FEATURE_STORE_UNAVAILABLE, set(), device, segment, tod), False
             if sequence is None:
-                answer = self._fallback(state, FallbackReason.UNKNOWN_USER, set(), device, segment)
+                answer = self._fallback(state, FallbackReason.UNKNOWN_USER, set(), device, segment, tod)
                 if use_cache:  # the same for every unknown user of this variant: stored once
                     self._cache_put(req.user_id, variant, answer, stamp, shared=True)
                 return answer, False
@@ -684,12 +683,13 @@ class Recommender:
             segment = segment or sequence.segment
 
         if state.ranker is None:
-            return self._fallback(state, FallbackReason.MODEL_UNAVAILABLE, self._excluded(state, history), device, segment), False
+            excluded = self._excluded(state, history)
+            return self._fallback(state, FallbackReason.MODEL_UNAVAILABLE, excluded, device, segment, tod), False
         result = await self._run_model(state, history, MaskContext(tod=tod, device=device, segment=segment), started)
         answer = (
             result
             if isinstance(result, Answer)
-            else self._fallback(state, result, self._excluded(state, history), device, segment)
+            else self._fallback(state, result, self._excluded(state, history), device, segment, tod)
         )
         if use_cache and answer.reason in CACHEABLE_REASONS:
             self._cache_put(req.user_id, variant, answer, stamp)

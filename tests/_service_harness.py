@@ -57,8 +57,7 @@ VOCABULARY = {"items": ITEMS, "categories": [f"c{k % 4}" for k in range(N_ITEMS)
               "context": {"device": {"mobile": 1, "desktop": 2}, "segment": {"vip": 1}}}
 POPULARITY = {
     "global": [{"item_id": i, "score": float(N_ITEMS - r)} for r, i in enumerate(reversed(ITEMS))],
-    "by_segment": {},
-    "by_device": {"mobile": [{"item_id": f"i{k}", "score": 1.0} for k in range(10)]},
+    "groups": [{"context": {"device": "mobile"}, "items": [{"item_id": f"i{k}", "score": 1.0} for k in range(10)]}],
 }
 
 

@@ -193,6 +193,15 @@ def test_daily_drift_schedule_runs_drift_job(instance: DagsterInstance) -> None:
     assert len(data.run_requests) == 1
 
 
+def test_daily_new_items_schedule_runs_new_items_job(instance: DagsterInstance) -> None:
+    daily = _schedule("daily_new_items_schedule")
+    assert daily.job_name == automation.NEW_ITEMS_JOB and daily.default_status == DefaultScheduleStatus.RUNNING
+    ticks = cron_string_iterator(datetime(2025, 1, 6, 2, 30, tzinfo=UTC).timestamp(), daily.cron_schedule, daily.execution_timezone)
+    assert next(ticks) == datetime(2025, 1, 6, 4, tzinfo=UTC)  # after the daily drift check
+    data = daily.evaluate_tick(build_schedule_context(instance, scheduled_execution_time=datetime(2025, 1, 6, 4, tzinfo=UTC)))
+    assert len(data.run_requests) == 1
+
+
 def test_schedules_follow_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("RECSYS_RETRAIN_CRON", "30 4 * * 0")
     monkeypatch.setenv("RECSYS_SCHEDULE_TIMEZONE", "Europe/Berlin")

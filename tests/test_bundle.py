@@ -32,6 +32,7 @@ from recsys_assets.export.bundle import (
 from recsys_assets.export.onnx_export import ExportReport, export_onnx
 from recsys_serving import bundle as fmt
 from recsys_serving.bundle import BundleRefused, load_bundle, salvage_popularity, verify_bundle
+from recsys_serving.contract import time_of_day_token
 from recsys_serving.metrics import ServiceMetrics
 from recsys_serving.model import History, OnnxRanker, MaskContext, encode
 from recsys_serving.recommender import Recommender
@@ -42,8 +43,7 @@ ITEMS = [f"item-{i}" for i in range(60)]
 VOCABULARY = {"items": ITEMS, "categories": None, "context": {"device": {"mobile": 1}, "segment": {}}}
 POPULARITY = {
     "global": [{"item_id": i, "score": 1.0 / (r + 1)} for r, i in enumerate(ITEMS[:40])],
-    "by_segment": {},
-    "by_device": {"mobile": [{"item_id": i, "score": 0.1} for i in ITEMS[20:30]]},
+    "groups": [{"context": {"device": "mobile"}, "items": [{"item_id": i, "score": 0.1} for i in ITEMS[20:30]]}],
 }
 
 
@@ -201,6 +201,15 @@ def test_server_refuses_a_tampered_bundle_and_serves_fallback(
     assert salvage_popularity(bad) is None
 
 
+def _lists(doc: dict[str, Any], *dimensions: str) -> dict[tuple[str, ...], list[str]]:
+    """A popularity document's lists specific to exactly these dimensions: {values: item ids}."""
+    return {
+        tuple(g["context"][d] for d in dimensions): [e["item_id"] for e in g["items"]]
+        for g in doc["groups"]
+        if set(g["context"]) == set(dimensions)
+    }
+
+
 def test_popularity_vocabulary_and_window_from_the_warehouse(tmp_path: Path) -> None:
     con = duckdb.connect(str(tmp_path / "w.duckdb"))
     con.execute(
@@ -223,23 +232,113 @@ def test_popularity_vocabulary_and_window_from_the_warehouse(tmp_path: Path) -> 
     assert vocab["items"] == ["a", "c", "b"] and vocab["categories"] == ["x", None, "y"]
     assert vocab["context"]["device"] == {"mobile": 1, "desktop": 2}
 
-    pop = popularity_document(con, "cleaned_interactions", window_days=30, top_global=100, top_group=100, min_group_events=2)
+    pop = popularity_document(con, "cleaned_interactions", window_days=30, top_global=100, top_group=100,
+                              min_group_events=2, prior_events=0)
     assert pop["window"]["days"] == 30
     # 2024-01-01 is outside the 30 days before 2024-03-04: 'a' counts 2, 'c' 3, 'b' 2 -> c first, ties by id
     assert [e["item_id"] for e in pop["global"]] == ["c", "a", "b"]
     assert abs(pop["global"][0]["score"] - 3 / 7) < 1e-9
-    assert [e["item_id"] for e in pop["by_device"]["mobile"]] == ["c", "a"]
-    assert set(pop["by_device"]) == {"mobile", "desktop"}
-    assert set(pop["by_segment"]) == {"vip"}  # min_group_events=2: 'vip' has 2 events in the window
+    assert _lists(pop, "device") == {("mobile",): ["c", "a"], ("desktop",): ["b", "a"]}
+    assert _lists(pop, "segment") == {("vip",): ["a", "b"]}  # min_group_events=2: 'vip' has 2 events in the window
+    assert _lists(pop, "time_of_day") == {("1",): ["c", "a", "b"]}  # every event at midnight: bucket 1
+    assert set(_lists(pop, "device", "time_of_day")) == {("mobile", "1"), ("desktop", "1")}
+    assert _lists(pop, "device", "segment") == {}  # one event each
+    # shrunk towards global: desktop's 3 events (b 2, a 1) weigh little against 1,000 events of prior
+    shrunk = popularity_document(con, "cleaned_interactions", window_days=30, top_global=100, top_group=100,
+                                 min_group_events=2, prior_events=1000)
+    desktop = next(g["items"] for g in shrunk["groups"] if g["context"] == {"device": "desktop"})
+    assert [e["item_id"] for e in desktop] == ["c", "b", "a"]  # c: never on desktop, but 3/7 of all events
+    assert abs(desktop[0]["score"] - 1000 * 3 / 7 / (3 + 1000)) < 1e-9
+    assert abs(desktop[1]["score"] - (2 + 1000 * 2 / 7) / (3 + 1000)) < 1e-9
+    assert shrunk["global"] == pop["global"]  # global is its own prior
     everything = popularity_document(con, "cleaned_interactions", window_days=None, top_global=100, top_group=100)
     assert [e["item_id"] for e in everything["global"]] == ["a", "c", "b"]
-    assert everything["by_device"] == {} and everything["by_segment"] == {}  # below min_group_events=100
+    assert everything["groups"] == []  # every context below min_group_events=100
     window = data_window(con, "cleaned_interactions")
     assert window["interactions"] == 8 and window["users"] == 5 and window["items"] == 3
 
     con.execute("DELETE FROM item_vocabulary WHERE token = 3")
     with pytest.raises(ValueError, match="contiguous"):
         vocabulary_document(con, "item_vocabulary", None)
+
+
+def test_popularity_lists_per_time_of_day_and_the_cap_on_groups() -> None:
+    """Time of day is bucketed as serving buckets a request's ts (the contract's function), and a
+    column of many values keeps only its `max_groups` largest groups."""
+    con = duckdb.connect()
+    rows = [(f"u{n}", "late", f"2024-03-01 {hour:02d}:30:00", "mobile", f"s{n % 10}")
+            for n, hour in enumerate([21, 22, 23, 21] * 5)]
+    rows += [(f"v{n}", "early", f"2024-03-02 {hour:02d}:10:00", "desktop", f"s{n % 3}")
+             for n, hour in enumerate([5, 6, 7] * 4)]
+    con.execute("CREATE TABLE cleaned_interactions (user_id VARCHAR, item_id VARCHAR, ts TIMESTAMP, device VARCHAR, segment VARCHAR)")
+    con.executemany("INSERT INTO cleaned_interactions VALUES (?, ?, ?, ?, ?)", rows)
+    doc = popularity_document(con, "cleaned_interactions", window_days=None, top_global=100, top_group=100,
+                              min_group_events=2, max_groups=3, prior_events=0)
+    late, early = (str(time_of_day_token(h)) for h in (21, 5))
+    assert {late, str(time_of_day_token(23)), early, str(time_of_day_token(7))} == {late, early}  # 4-hour buckets
+    assert _lists(doc, "time_of_day") == {(late,): ["late"], (early,): ["early"]}
+    assert _lists(doc, "device", "time_of_day") == {("mobile", late): ["late"], ("desktop", early): ["early"]}
+    # segments s0..s9: s0, s1, s2 have the most events (2 each from mobile, 4 each from desktop)
+    assert set(_lists(doc, "segment")) == {("s0",), ("s1",), ("s2",)}
+    # capped as well: the desktop combinations (4 events each) beat the mobile ones (2 each)
+    assert set(_lists(doc, "device", "segment")) == {("desktop", "s0"), ("desktop", "s1"), ("desktop", "s2")}
+    popularity = fmt.Popularity.model_validate(doc)
+    assert popularity.choose("desktop", "s1", time_of_day_token(6))[1] == f"device=desktop,segment=s1,time_of_day={early}"
+    assert popularity.choose("mobile", "s0", time_of_day_token(22))[1] == f"device=mobile,time_of_day={late}"
+    assert popularity.knows("segment", "s0") and not popularity.knows("segment", "s9")
+
+
+def _popularity_for_every_context(device: str, segment: str, tod: int) -> dict[str, Any]:
+    """A document with one list for every combination of dimensions of this context (each list's
+    single item names its combination) and lists for other values that must never be chosen."""
+    values = {"device": device, "segment": segment, "time_of_day": str(tod)}
+    groups = []
+    for dims in fmt.POPULARITY_CHOICE_ORDER:
+        name = "+".join(dims)
+        groups.append({"context": {d: values[d] for d in dims}, "items": [{"item_id": name, "score": 1.0}]})
+        groups.append({"context": {d: "other" if d != "time_of_day" else str(tod % 6 + 1) for d in dims},
+                       "items": [{"item_id": "wrong", "score": 1.0}]})
+    return {"global": [{"item_id": "global", "score": 1.0}, {"item_id": "wrong", "score": 0.5}], "groups": groups}
+
+
+def test_popularity_choice_goes_from_all_three_dimensions_to_pairs_singles_and_global() -> None:
+    doc = _popularity_for_every_context("mobile", "vip", 6)
+    order = [len(dims) for dims in fmt.POPULARITY_CHOICE_ORDER]
+    assert order == sorted(order, reverse=True) and order[0] == 3 and sorted(order) == [1, 1, 1, 2, 2, 2, 3]
+    values = {"device": "mobile", "segment": "vip", "time_of_day": "6"}
+    chosen = []
+    while True:
+        items, name = fmt.Popularity.model_validate(doc).choose("mobile", "vip", 6)
+        chosen.append(items[0].item_id)
+        if name == "global":
+            break
+        assert name == ",".join(f"{d}={values[d]}" for d in items[0].item_id.split("+"))
+        doc["groups"] = [g for g in doc["groups"] if "+".join(g["context"]) != items[0].item_id]  # the next one answers
+    assert chosen == ["+".join(dims) for dims in fmt.POPULARITY_CHOICE_ORDER] + ["global"]
+
+    full = fmt.Popularity.model_validate(_popularity_for_every_context("mobile", "vip", 6))
+    assert full.choose("mobile", "vip", None)[0][0].item_id == "device+segment"  # time of day unknown: skipped
+    assert full.choose("mobile", "vip", 0)[0][0].item_id == "device+segment"  # the contract's unknown token
+    assert full.choose("tablet", None, 6)[0][0].item_id == "time_of_day"
+    assert full.choose("tablet", "nobody", None)[1] == "global"
+    # the answer: the chosen list, topped up from the less specific ones in order, then global
+    ranked = [item for item, _ in full.ranked("mobile", "vip", 6, k=20)]
+    assert ranked == ["+".join(dims) for dims in fmt.POPULARITY_CHOICE_ORDER] + ["global", "wrong"]
+    assert [item for item, _ in full.ranked("mobile", None, 6, k=3, exclude={"device+time_of_day"})] == [
+        "time_of_day", "device", "global"]
+
+
+def test_popularity_documents_with_per_device_and_segment_maps_still_read() -> None:
+    """Bundles written before context lists have `by_device` / `by_segment`: the same single-dimension lists."""
+    items = [{"item_id": "x", "score": 1.0}]
+    old = fmt.Popularity.model_validate({"global": items, "by_segment": {"vip": items}, "by_device": {"mobile": items}})
+    new = fmt.Popularity.model_validate({"global": items, "groups": [
+        {"context": {"device": "mobile"}, "items": items}, {"context": {"segment": "vip"}, "items": items}]})
+    assert old == new and old.choose("mobile", None)[1] == "device=mobile" and old.choose(None, "vip")[1] == "segment=vip"
+    with pytest.raises(ValueError, match="time_of_day"):
+        fmt.Popularity.model_validate({"global": items, "groups": [{"context": {"time_of_day": "7"}, "items": items}]})
+    with pytest.raises(ValueError, match="two popularity lists"):
+        fmt.Popularity.model_validate({"global": items, "groups": [{"context": {"device": "a"}, "items": items}] * 2})
 
 
 def test_gate_promotion_and_rollback(tmp_path: Path, exported: tuple[BERT4RecConfig, ExportReport]) -> None:
@@ -382,7 +481,8 @@ def test_export_assets_materialize_end_to_end(tmp_path: Path, monkeypatch: pytes
     assert manifest.gate["passed"] and manifest.metrics == _metrics(0.2)
     assert ("model.plan" in manifest.files) == trt["built"]
     popularity = json.loads((tmp_path / "bundles" / "current" / "popularity.json").read_text())
-    assert set(popularity["by_device"]) == {"web", "ios"} and set(popularity["by_segment"]) == {"new", "vip"}
+    assert set(_lists(popularity, "device")) == {("web",), ("ios",)}
+    assert set(_lists(popularity, "segment")) == {("new",), ("vip",)}
     checks = {c.check_name: c for c in result.get_asset_check_evaluations()}
     assert {name: c.passed for name, c in checks.items()} == {"bundle_loads_in_serving": True, "tensorrt_engine_built": trt["built"]}
     if not trt["built"]:  # a warning in the UI with the reason, not a green tensorrt_engine; the bundle still built

@@ -53,8 +53,11 @@ def test_jobs_schedules_and_sensors_of_the_location() -> None:
 
     everything = {k.to_user_string() for k in defs.resolve_asset_graph().get_all_asset_keys()}
     assert "drift_report" in everything
-    assert selected("retrain_job") == everything - {"drift_report"}
+    assert "new_item_bundle" in everything
+    assert selected("retrain_job") == everything - {"drift_report", "new_item_bundle"}
     assert selected("drift_job") == {"raw_events", "cleaned_interactions", "quarantined_events", "drift_report"}
+    # new items between retrains: the data stages and the feature store, nothing of training
+    assert selected("new_items_job") == DATA_ASSETS | {"new_item_bundle"}
     graph = defs.resolve_asset_graph()
     drift_checks = {c.name for c in defs.resolve_job_def("drift_job").asset_layer.asset_graph.asset_check_keys}
     assert {"counts_reconcile", "no_null_ids", "time_ordered"} <= drift_checks
@@ -65,6 +68,7 @@ def test_jobs_schedules_and_sensors_of_the_location() -> None:
     assert schedules == {
         "weekly_retrain_schedule": ("retrain_job", settings.retrain_cron, DefaultScheduleStatus.RUNNING),
         "daily_drift_schedule": ("drift_job", settings.drift_cron, DefaultScheduleStatus.RUNNING),
+        "daily_new_items_schedule": ("new_items_job", settings.new_items_cron, DefaultScheduleStatus.RUNNING),
     }
     sensors = {s.name: s for s in repo.sensor_defs}
     assert {"drift_retrain_sensor", "run_failure_alert"} <= set(sensors)

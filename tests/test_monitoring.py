@@ -377,7 +377,7 @@ def stack(gateway: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[St
         torch.manual_seed(0)  # an untrained network: what is measured here is the service, not the model
         config = BERT4RecConfig(vocab_size=N_ITEMS + 2, hidden=16, layers=1, heads=2, max_len=MAX_LEN, dropout=0.0)
         popularity = {"global": [{"item_id": i, "score": float(N_ITEMS - r)} for r, i in enumerate(reversed(ITEMS))],
-                      "by_segment": {}, "by_device": {}}
+                      "groups": []}
         vocabulary = {"items": ITEMS, "categories": ["c0"] * N_ITEMS, "context": {}}
         export_bundle(home / "bundles", BERT4Rec(config).eval(), config, vocabulary, popularity, home / "work",
                       contexts=[], metrics={"models": {}}, version="monitored")

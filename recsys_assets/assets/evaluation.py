@@ -151,7 +151,7 @@ def context_slice_labels(eval_set: EvalSet, context_values: dict[str, dict[int, 
     return out
 
 
-def _load_rows(tokenized_sequences: TableRef) -> pl.DataFrame:
+def load_sequence_rows(tokenized_sequences: TableRef) -> pl.DataFrame:
     rows = tokenized_sequences.to_polars()
     if rows.height == 0:
         raise ValueError(f"{tokenized_sequences.table} is empty: nothing to evaluate")
@@ -194,7 +194,7 @@ def baselines(
     started = time.perf_counter()
     target = prediction_target.resolve()
     counts, categories, vocab_size = load_vocabulary(item_vocabulary)
-    rows = _load_rows(tokenized_sequences)
+    rows = load_sequence_rows(tokenized_sequences)
     fit_split = split_rows(rows, "train", with_context=False, target=target)
     train = fit_split.sequences
     eval_set = make_eval_set(rows, "valid", target)
@@ -346,7 +346,7 @@ def evaluation_report(
             "train and evaluate with the same prediction_target"
         )
     counts, categories, vocab_size = load_vocabulary(item_vocabulary)
-    rows = _load_rows(tokenized_sequences)
+    rows = load_sequence_rows(tokenized_sequences)
     eval_set: EvalSet = make_eval_set(rows, cast(Split, config.split), target)
     fit_split = split_rows(rows, cast(FitData, fit), with_context=False, target=target)
     train = fit_split.sequences

@@ -32,6 +32,7 @@ from pydantic import Field
 
 from recsys_assets.assets.evaluation import report_gate_tolerance
 from recsys_assets.config import REPO_ROOT, bundles_dir, models_dir, recsys_home
+from recsys_assets.export.bundle import PRIOR_EVENTS
 from recsys_assets.io_manager import TableRef
 from recsys_serving.contract import FEATURE_VIEW, SERVICE_NAME, PredictionTarget, sequence_length_mismatch
 
@@ -234,7 +235,29 @@ class ModelBundleConfig(Config):
     popularity_top_global: int = Field(1000, ge=100)
     popularity_top_group: int = Field(300, ge=100)
     popularity_min_group_events: int = Field(100, ge=1)
+    popularity_max_groups: int = Field(
+        200, ge=0, description="most context lists per combination of device/segment/time of day (the largest)"
+    )
+    popularity_prior_events: float = Field(
+        PRIOR_EVENTS, ge=0, description="shrinkage of a context list towards global, in events (0 = none)"
+    )
     promote: bool = Field(True, description="switch bundles/current when the gate passes")
+
+    def popularity(self, con: duckdb.DuckDBPyConnection, cleaned_table: str, target: PredictionTarget) -> dict[str, Any]:
+        """The bundle's fallback lists (popularity.json) from `cleaned_table` with these settings."""
+        from recsys_assets.export.bundle import popularity_document
+
+        return popularity_document(
+            con,
+            cleaned_table,
+            window_days=self.popularity_window_days or None,
+            top_global=self.popularity_top_global,
+            top_group=self.popularity_top_group,
+            min_group_events=self.popularity_min_group_events,
+            target=target,
+            max_groups=self.popularity_max_groups,
+            prior_events=self.popularity_prior_events,
+        )
 
 
 @asset(
@@ -261,7 +284,7 @@ def model_bundle(
         data_window,
         evaluate_gate,
         model_spec_for,
-        popularity_document,
+        popularity_summary,
         promote,
         vocabulary_document,
         write_bundle,
@@ -279,15 +302,7 @@ def model_bundle(
     decision = evaluate_gate(root, metrics, report_gate_tolerance(evaluation_report))
     with duckdb.connect(item_vocabulary.database, read_only=True) as con:
         vocabulary = vocabulary_document(con, item_vocabulary.table, context_vocabulary.table)
-        popularity = popularity_document(
-            con,
-            cleaned_interactions.table,
-            window_days=config.popularity_window_days or None,
-            top_global=config.popularity_top_global,
-            top_group=config.popularity_top_group,
-            min_group_events=config.popularity_min_group_events,
-            target=target,
-        )
+        popularity = config.popularity(con, cleaned_interactions.table, target)
         window = data_window(con, cleaned_interactions.table)
     export = ExportReport.model_validate(onnx_model["export"])
     n_tokens = len(vocabulary["items"]) + 2
@@ -348,8 +363,7 @@ def model_bundle(
             "tensorrt_plan": "included" if plan else f"not built: {tensorrt_engine.get('reason')}",
             "signed_by": str(info.signed_by),  # key id; serving verifies with the public key below
             "public_key": MetadataValue.path(str(public_key_path(key_file))),
-            "popularity_lists": f"global {len(popularity['global'])}, segments {len(popularity['by_segment'])}, "
-            f"devices {len(popularity['by_device'])}",
+            "popularity_lists": popularity_summary(popularity),
         }
     )
     return {

@@ -264,6 +264,12 @@ def _last_query_block(block: nn.TransformerEncoderLayer, x: Tensor, padding: Ten
     return block.norm2(y + block._ff_block(y))
 
 
+def token_tables(model: BERT4Rec) -> dict[str, Tensor]:
+    """Tensors with one row per token (item tables and the output bias), by state-dict name."""
+    vocab = model.config.vocab_size
+    return {name: t for name, t in model.state_dict().items() if t.ndim >= 1 and t.shape[0] == vocab}
+
+
 def save_model(
     directory: str | Path, model: BERT4Rec, config: BERT4RecConfig, extra: dict[str, Any] | None = None
 ) -> None:

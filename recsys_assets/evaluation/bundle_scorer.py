@@ -10,8 +10,9 @@ those requests are left-padded with PAD (the graph's input convention, as traini
 
 Scores: a graph with the ``scores`` output (the fp32 ranking head) gives BERT4Rec's exact scores
 over the whole bundle vocabulary, mapped into the caller's token space; items the bundle does not
-know score -inf. The quantized two-stage head only emits its constant top-K (exact full scores are
-impossible there): the top-K scores are used and every other item is -inf (`exact` is False).
+know score -inf. The quantized two-stage head and the ANN ranking only emit their constant top-K
+(exact full scores are impossible there): the top-K scores are used and every other item is -inf
+(`exact` is False).
 Nothing is excluded in the graph (only PAD), so the ranking stays the protocol's (history removed
 afterwards, target rankable even if seen); HR/NDCG@k of a user are then exact while k + their
 history items inside the top-K <= top_k, and MRR and sampled metrics are lower bounds.
@@ -178,7 +179,7 @@ class BundleScorer:
         if self.exact:
             (scores,) = self.ranker.session.run(["scores"], feeds)
             return np.asarray(scores, dtype=np.float32)
-        top_scores, top_tokens = self.ranker.session.run(["top_scores", "top_tokens"], feeds)
+        top_scores, top_tokens = self.ranker.rank_batch(feeds)  # the graph's top-K, or the ANN stage's
         scores = np.full((len(encoded), self.bundle.vocabulary.vocab_size), -np.inf, dtype=np.float32)
         np.put_along_axis(scores, np.asarray(top_tokens, dtype=np.int64), np.asarray(top_scores, dtype=np.float32), axis=1)
         return scores

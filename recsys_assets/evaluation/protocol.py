@@ -268,6 +268,23 @@ def feasible_protocols(
     return kept, dropped
 
 
+def recommended_items(scorer: Scorer, eval_set: EvalSet, k: int = 10, batch_size: int = 1024) -> np.ndarray:
+    """[users, k] tokens each user would be shown, best first: the top-k of the scores, with the
+    history left out where the target removes it (PAD and MASK never)."""
+    top = np.zeros((len(eval_set), k), dtype=np.int64)
+    for start in range(0, len(eval_set), batch_size):
+        batch = eval_set.subset(slice(start, min(start + batch_size, len(eval_set))))
+        scores = scorer(batch)
+        scores = np.array(scores.detach().cpu().numpy() if hasattr(scores, "detach") else scores, dtype=np.float32)
+        scores[:, :FIRST_ITEM_TOKEN] = -np.inf
+        for row, history in enumerate(batch.excluded(slice(None))):
+            scores[row, history] = -np.inf
+        part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+        order = np.argsort(-np.take_along_axis(scores, part, axis=1), axis=1, kind="stable")
+        top[start : start + len(batch)] = np.take_along_axis(part, order, axis=1)
+    return top
+
+
 def evaluate(
     scorer: Scorer,
     eval_set: EvalSet,

@@ -161,7 +161,8 @@ def gate_decision(
     The tolerance (relative, e.g. 0.02 = 2%) lets a fresh retrain that ties the champion replace
     it, so the served model keeps up with the data instead of an old one holding on by noise.
     Where no champion is promoted, or it could not be loaded or scored (`metrics["champion"]`
-    says why), the gate compares against the baselines only and says so.
+    says why), the gate compares against the baselines only and says so. ``baselines=()``: the
+    champion alone is the bar (a bundle grown from the champion only has to improve on it).
 
     Returns {"passed", "reasons" (one per check, passed or not), "protocol", "metric", "tolerance",
     "challenger", "champion" (its figure or None), "champion_version", "champion_status",
@@ -190,7 +191,7 @@ def gate_decision(
         reasons.append(f"no {protocol} {metric} for {model!r} in the report")
         return out
     names = list(baselines) if baselines is not None else [n for n in models if n not in (model, champion)]
-    if not names:
+    if not names and baselines is None:
         reasons.append("no baselines in the report: nothing to beat")
         return out
     passed = True

@@ -24,17 +24,20 @@ from typing import TYPE_CHECKING, Any, Mapping
 import duckdb
 from pydantic import BaseModel
 
-from recsys_serving.contract import CURRENT_BUNDLE, FIRST_ITEM_TOKEN, PredictionTarget
+from recsys_serving.contract import CURRENT_BUNDLE, FIRST_ITEM_TOKEN, PredictionTarget, time_of_day_sql
 from recsys_assets.evaluation.report import CHAMPION_NAME, MODEL_NAME, gate_decision
 from recsys_serving.bundle import (
     BUNDLE_FORMAT_VERSION,
+    CONTEXT_DIMENSIONS,
     MANIFEST_FILE,
     MODEL_FILE,
     PLAN_FILE,
+    POPULARITY_CHOICE_ORDER,
     POPULARITY_FILE,
     SIGNATURE_FILE,
     VOCABULARY_FILE,
     BundleRefused,
+    ContextDimension,
     FileEntry,
     Manifest,
     ModelSpec,
@@ -48,8 +51,10 @@ from recsys_serving.bundle import (
 )
 
 if TYPE_CHECKING:  # onnx_export imports torch: only loaded when a bundle is exported
+    import numpy as np
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+    from recsys_assets.export.ann_index import AnnOptions
     from recsys_assets.export.onnx_export import ItemTable
 
 CURRENT = CURRENT_BUNDLE
@@ -79,6 +84,20 @@ def vocabulary_document(con: duckdb.DuckDBPyConnection, vocab_table: str, contex
     }
 
 
+# How strongly a context list is shrunk towards global, in events (popularity_document). Measured by
+# benchmarks/cold_start_users.py: on the built-in generator, where no context changes which items are
+# popular, unshrunk lists of ~100-1,000 events lose 1.3 points of HR@10 against global (their ranking
+# is noise); 1,000 brings them back to global and keeps most of the gain where context does matter.
+PRIOR_EVENTS = 1000.0
+# How each context dimension of the popularity lists is read from cleaned_interactions: time of day
+# through the contract's bucketing, as serving buckets a request's ts.
+_CONTEXT_SQL: dict[ContextDimension, str] = {
+    "device": '"device"',
+    "segment": '"segment"',
+    "time_of_day": time_of_day_sql('"ts"'),
+}
+
+
 def popularity_document(
     con: duckdb.DuckDBPyConnection,
     cleaned_table: str,
@@ -87,11 +106,19 @@ def popularity_document(
     top_group: int = 300,
     min_group_events: int = 100,
     target: PredictionTarget | None = None,
+    max_groups: int = 200,
+    prior_events: float = PRIOR_EVENTS,
 ) -> dict[str, Any]:
     """Most interacted items over the last `window_days` of the data (all of it when the data has
-    no timestamps or the window is None), globally and per device / segment value with at least
-    `min_group_events` events. Score = share of the window's events; for next_purchase, of its
-    target events (the fallback answers the same question as the model)."""
+    no timestamps or the window is None), globally and per context: for every combination of
+    dimensions in POPULARITY_CHOICE_ORDER (device, segment, time of day, their pairs and all three),
+    each combination of values with at least `min_group_events` events; at most `max_groups` per
+    combination of dimensions, those with the most events (a column of thousands of values cannot
+    blow up the bundle). Global score = share of the window's events; for next_purchase, of its
+    target events (the fallback answers the same question as the model). A context list's score is
+    that share in its context shrunk towards the global share, (count + prior_events x global share)
+    / (events + prior_events): a small context's list stays close to global unless its own counts
+    differ clearly (its raw ranking is mostly noise), a large one's is its own."""
     (max_ts,) = con.execute(f'SELECT max(ts) FROM "{cleaned_table}"').fetchone() or (None,)
     where = "true"
     if target is not None and not target.every_event:
@@ -101,37 +128,64 @@ def popularity_document(
         where += f" AND ts > TIMESTAMP '{max_ts}' - INTERVAL {int(window_days)} DAY"
         window = {"days": window_days, "end": str(max_ts)}
 
-    def ranked(group: str | None, top: int) -> dict[str, list[dict[str, Any]]]:
-        key = f'"{group}"' if group else "'*'"  # a constant key: NULL would not join
-        having = f"AND {key} IS NOT NULL AND trim({key}) <> ''" if group else ""
+    def ranked(dimensions: tuple[ContextDimension, ...], top: int) -> list[tuple[tuple[str, ...], list[dict[str, Any]]]]:
+        """[(values, list)] of each group of `dimensions` (one group, key ('*',), for none)."""
+        exprs = [f"CAST({_CONTEXT_SQL[d]} AS VARCHAR)" for d in dimensions] or ["'*'"]  # a constant key: NULL would not join
+        cols = [f"g{i}" for i in range(len(exprs))]
+        keys, by = ", ".join(f"{e} AS {c}" for e, c in zip(exprs, cols)), ", ".join(cols)
+        present = " AND ".join(f"{c} IS NOT NULL AND trim({c}) <> ''" for c in cols)
+        prior = float(prior_events) if dimensions else 0.0
         rows = con.execute(
             f"""
-            WITH w AS (SELECT {key} AS g, item_id FROM "{cleaned_table}" WHERE {where} {having}),
-                 sizes AS (SELECT g, count(*) AS n FROM w GROUP BY g HAVING count(*) >= ?),
-                 counts AS (SELECT w.g, item_id, count(*) AS c FROM w JOIN sizes USING (g) GROUP BY w.g, item_id),
-                 ranked AS (SELECT g, item_id, c, row_number() OVER (PARTITION BY g ORDER BY c DESC, item_id) AS r
-                            FROM counts)
-            SELECT r.g, r.item_id, r.c::DOUBLE / s.n FROM ranked r JOIN sizes s USING (g)
-            WHERE r.r <= ? ORDER BY r.g, r.r
+            WITH base AS (SELECT {keys}, item_id FROM "{cleaned_table}" WHERE {where}),
+                 w AS (SELECT * FROM base WHERE {present}),
+                 shares AS (SELECT item_id, count(*) / sum(count(*)) OVER () AS p FROM base GROUP BY item_id),
+                 sizes AS (SELECT {by}, count(*) AS n FROM w GROUP BY {by} HAVING count(*) >= ?
+                           ORDER BY n DESC, {by} LIMIT ?),
+                 counts AS (SELECT {by}, item_id, count(*) AS c FROM w JOIN sizes USING ({by}) GROUP BY {by}, item_id),
+                 -- shrunk towards global, a group's list can hold globally popular items it never saw
+                 candidates AS (SELECT {by}, item_id FROM counts UNION
+                                SELECT {by}, item_id FROM sizes CROSS JOIN
+                                  (SELECT item_id FROM shares ORDER BY p DESC, item_id LIMIT ?)),
+                 scored AS (SELECT {by}, item_id, (coalesce(c, 0) + ? * p) / (n + ?) AS score
+                            FROM candidates JOIN sizes USING ({by}) JOIN shares USING (item_id)
+                            LEFT JOIN counts USING ({by}, item_id)),
+                 ranked AS (SELECT {by}, item_id, score,
+                                   row_number() OVER (PARTITION BY {by} ORDER BY score DESC, item_id) AS r
+                            FROM scored)
+            SELECT {by}, item_id, score FROM ranked WHERE r <= ? ORDER BY {by}, r
             """,
-            [min_group_events if group else 1, top],
+            [min_group_events if dimensions else 1, max_groups if dimensions else 1, top if prior > 0 else 0,
+             prior, prior, top],
         ).fetchall()
-        out: dict[str, list[dict[str, Any]]] = {}
-        for g, item, score in rows:
-            out.setdefault(g, []).append({"item_id": str(item), "score": float(score)})
-        return out
+        out: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+        for *values, item, score in rows:
+            out.setdefault(tuple(str(v) for v in values), []).append({"item_id": str(item), "score": float(score)})
+        return list(out.items())
 
-    global_list = ranked(None, top_global).get("*", [])
+    global_list = ranked((), top_global)
     if not global_list:
         raise ValueError(f"{cleaned_table} has no events in the popularity window {window}")
     doc = {
-        "global": global_list,
-        "by_segment": {str(k): v for k, v in ranked("segment", top_group).items()},
-        "by_device": {str(k): v for k, v in ranked("device", top_group).items()},
+        "global": global_list[0][1],
+        "groups": [
+            {"context": dict(zip(dimensions, values)), "items": items}
+            for dimensions in POPULARITY_CHOICE_ORDER
+            for values, items in ranked(dimensions, top_group)
+        ],
         "window": window,
     }
     Popularity.model_validate(doc)  # the reader's schema is the contract
     return doc
+
+
+def popularity_summary(doc: Mapping[str, Any]) -> str:
+    """How many lists a popularity document holds, per combination of dimensions (for people)."""
+    counts: dict[str, int] = {}
+    for group in doc.get("groups", []):
+        name = "+".join(d for d in CONTEXT_DIMENSIONS if d in group["context"])
+        counts[name] = counts.get(name, 0) + 1
+    return ", ".join([f"global {len(doc['global'])} items"] + [f"{name} {n}" for name, n in counts.items()])
 
 
 def data_window(con: duckdb.DuckDBPyConnection, cleaned_table: str) -> dict[str, Any]:
@@ -178,6 +232,7 @@ def write_bundle(
     *,
     plan_path: Path | None = None,
     external_data: Path | None = None,
+    extra_files: tuple[Path, ...] = (),
     data_window: Mapping[str, Any] | None = None,
     metrics: Mapping[str, Any] | None = None,
     gate: Mapping[str, Any] | None = None,
@@ -187,7 +242,8 @@ def write_bundle(
 ) -> BundleInfo:
     """Stage every file, checksum it, write the manifest (and, with `signing_key`, manifest.sig over
     its exact bytes), rename the directory into place (atomic), make it read-only and verify it with
-    the serving reader (the signature too). Never overwrites a bundle."""
+    the serving reader (the signature too). Never overwrites a bundle. `extra_files`: further files
+    the model needs under their own names (an ANN export's index and table, ModelSpec.ranking)."""
     root.mkdir(parents=True, exist_ok=True)
     staging = root / f".staging-{uuid.uuid4().hex[:12]}"
     staging.mkdir()
@@ -195,6 +251,10 @@ def write_bundle(
         shutil.copyfile(onnx_path, staging / MODEL_FILE)
         if external_data is not None:
             shutil.copyfile(external_data, staging / external_data.name)
+        for extra in extra_files:
+            if (staging / extra.name).exists():
+                raise ValueError(f"{extra.name} would overwrite another bundle file")
+            shutil.copyfile(extra, staging / extra.name)
         if plan_path is not None:
             shutil.copyfile(plan_path, staging / PLAN_FILE)
         _write_json(staging / VOCABULARY_FILE, vocabulary)
@@ -386,7 +446,8 @@ def evaluate_gate(root: Path, metrics: Mapping[str, Any], tolerance: float) -> G
 
 def model_spec_for(config: Any, export_report: Any, target: PredictionTarget | None = None) -> ModelSpec:
     """The manifest's model section from a BERT4RecConfig, an onnx_export.ExportReport and the
-    target the model was trained for."""
+    target the model was trained for (with the ANN ranking stage of an item_table="ann" export)."""
+    ann = getattr(export_report, "ann", None)
     return ModelSpec(
         architecture="bert4rec",
         max_len=config.max_len,
@@ -397,6 +458,7 @@ def model_spec_for(config: Any, export_report: Any, target: PredictionTarget | N
         opset=export_report.opset,
         target=(target or PredictionTarget()).to_dict(),
         config={**config.model_dump(), "contexts": export_report.contexts},
+        ranking=ann.ranking() if ann is not None else None,
     )
 
 
@@ -412,6 +474,8 @@ def export_bundle(
     top_k: int = 100,
     item_table: ItemTable = "fp32",
     rescore_candidates: int | None = None,
+    ann: AnnOptions | None = None,
+    ann_tuning_queries: np.ndarray | None = None,
     metrics: Mapping[str, Any] | None = None,
     data_window: Mapping[str, Any] | None = None,
     version: str | None = None,
@@ -420,7 +484,8 @@ def export_bundle(
     """Export `model` to ONNX in `workdir` and write a bundle from it (no parity check: the
     onnx_model asset does that on real data; this is for built-from-code bundles such as the
     latency benchmark's 2M-item catalogue and tests). `item_table`/`rescore_candidates`: see
-    onnx_export.export_onnx (int8/int4: the quantized two-stage ranking head)."""
+    onnx_export.export_onnx (int8/int4: the quantized two-stage ranking head; ann: the ANN index,
+    with `ann` and `ann_tuning_queries`)."""
     from recsys_assets.export.onnx_export import DEFAULT_RESCORE_CANDIDATES, export_onnx
 
     report = export_onnx(
@@ -431,8 +496,11 @@ def export_bundle(
         top_k=top_k,
         item_table=item_table,
         rescore_candidates=rescore_candidates or DEFAULT_RESCORE_CANDIDATES,
+        ann=ann,
+        ann_tuning_queries=ann_tuning_queries,
     )
     external = workdir / report.external_data if report.external_data else None
+    extra = tuple(workdir / name for name in (report.ann.index_file, report.ann.table_file)) if report.ann else ()
     return write_bundle(
         root,
         Path(report.path),
@@ -440,6 +508,7 @@ def export_bundle(
         popularity,
         model_spec_for(config, report),
         external_data=external,
+        extra_files=extra,
         data_window=data_window,
         metrics=metrics,
         export={"onnx": report.model_dump()},

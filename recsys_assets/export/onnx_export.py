@@ -19,6 +19,13 @@ per-item scaled int8 / int4 copy of the table, keeps the best `rescore_candidate
 masked), rescores those exactly against the fp32 table and returns their top-K
 (ranking_heads.add_quantized_ranking_head). That graph has no `scores` output and runs on ONNX
 Runtime's CPU provider (a com.microsoft operator).
+
+Approximate nearest neighbours (`item_table="ann"`, options in ann_index.AnnOptions): the graph
+stops at the query (tokens + context -> query [batch, H], no `exclude` input); a FAISS index over
+the items' [vector, bias] rows proposes candidates and serving rescores them exactly in fp32 with
+the history left out (recsys_serving.ann). The index and the fp32 table are files beside the
+graph (ExportReport.ann), and the manifest's ModelSpec.ranking tells serving to run them; the
+report's inputs / outputs are the served interface (with `exclude`, top_scores / top_tokens).
 """
 
 from __future__ import annotations
@@ -35,12 +42,13 @@ from pydantic import BaseModel
 from torch import Tensor, nn
 
 from recsys_assets.bert4rec.data import CONTEXT_FIELDS
-from recsys_assets.bert4rec.model import BERT4Rec, BERT4RecConfig
+from recsys_assets.bert4rec.model import BERT4Rec, BERT4RecConfig, token_tables
+from recsys_assets.export.ann_index import AnnOptions, AnnReport, build_ann_files
 from recsys_assets.export.ranking_heads import add_quantized_ranking_head, ranking_head
 
 OPSET = 18
 DEFAULT_TOP_K = 100
-ItemTable = Literal["fp32", "int8", "int4"]
+ItemTable = Literal["fp32", "int8", "int4", "ann"]
 ITEM_TABLE_BITS: dict[str, int] = {"int8": 8, "int4": 4}
 DEFAULT_RESCORE_CANDIDATES = 1024
 PROTOBUF_LIMIT = 2_000_000_000  # larger models keep their weights in an external data file
@@ -91,23 +99,18 @@ class _ScoreNext(_Positional):
 
 class _QueryNext(_Positional):
     """The [MASK] position's query vector head(hidden) [B, H]: what score_next multiplies with the
-    item table. The quantized ranking head does that product in ONNX (see add_quantized_ranking_head)."""
+    item table. The quantized ranking head does that product in ONNX (see add_quantized_ranking_head),
+    the ANN ranking in serving (recsys_serving.ann)."""
 
     def forward(self, tokens: Tensor, *context: Tensor) -> Tensor:
         hidden = self.model.forward(tokens, **self._context(context), last_only=True)
         return self.model.head(hidden[:, -1])
 
 
-def _vocabulary_tables(model: BERT4Rec) -> dict[str, Tensor]:
-    """Parameters with one row per token (item tables and the output bias), by state-dict name."""
-    vocab = model.config.vocab_size
-    return {name: t for name, t in model.state_dict().items() if t.ndim >= 1 and t.shape[0] == vocab}
-
-
 def _with_vocabulary(model: BERT4Rec, config: BERT4RecConfig, vocab: int) -> BERT4Rec:
     """A copy of `model` whose vocabulary tables keep only their first `vocab` rows (same graph)."""
     small = BERT4Rec(config.model_copy(update={"vocab_size": min(vocab, config.vocab_size)})).eval()
-    tables = _vocabulary_tables(model)
+    tables = token_tables(model)
     state = {name: (t[:vocab] if name in tables else t) for name, t in model.state_dict().items()}
     small.load_state_dict(state)
     return small
@@ -156,8 +159,9 @@ class ExportReport(BaseModel):
     bytes: int
     external_data: str | None
     seconds: float
-    item_table: ItemTable = "fp32"  # precision of the first scoring pass (fp32: the only pass)
-    rescore_candidates: int | None = None  # quantized variants: candidates rescored in fp32
+    item_table: ItemTable = "fp32"  # first scoring pass: fp32 (the only pass), int8/int4 scan, ann index
+    rescore_candidates: int | None = None  # two-stage variants: candidates rescored in fp32
+    ann: AnnReport | None = None  # item_table="ann": the index and table files beside the graph
 
 
 def export_onnx(
@@ -168,15 +172,22 @@ def export_onnx(
     top_k: int = DEFAULT_TOP_K,
     item_table: ItemTable = "fp32",
     rescore_candidates: int = DEFAULT_RESCORE_CANDIDATES,
+    ann: AnnOptions | None = None,
+    ann_tuning_queries: np.ndarray | None = None,
 ) -> ExportReport:
     """Exports with dynamic batch and sequence length (<= max_len) and the ranking head, checks.
-    `item_table` "int8"/"int4": the two-stage quantized head for large catalogues (module docstring)."""
+    `item_table` "int8"/"int4": the two-stage quantized head for large catalogues; "ann": the query
+    graph plus the ANN files (module docstring), built with `ann` (default AnnOptions()) and tuned
+    on `ann_tuning_queries` (validation-like queries [n, H], ann_index.query_vectors) if given."""
     started = time.perf_counter()
-    if item_table != "fp32" and item_table not in ITEM_TABLE_BITS:
-        raise ValueError(f"item_table must be one of fp32, {', '.join(ITEM_TABLE_BITS)}; got {item_table!r}")
+    if item_table != "fp32" and item_table != "ann" and item_table not in ITEM_TABLE_BITS:
+        raise ValueError(f"item_table must be one of fp32, {', '.join(ITEM_TABLE_BITS)}, ann; got {item_table!r}")
     if rescore_candidates < 1:
         raise ValueError(f"rescore_candidates must be >= 1, got {rescore_candidates}")
-    quantized = item_table != "fp32"
+    if item_table != "ann" and (ann is not None or ann_tuning_queries is not None):
+        raise ValueError("ann options and tuning queries are for item_table='ann'")
+    # both two-stage variants export the graph up to the query; the int8/int4 head is then added to it
+    query_graph = item_table != "fp32"
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     contexts = model_contexts(config) if contexts is None else list(contexts)
@@ -184,7 +195,7 @@ def export_onnx(
     if unknown:
         raise ValueError(f"unknown context input(s) {unknown}; expected a subset of {CONTEXT_FIELDS}")
     top_k = min(top_k, config.vocab_size)
-    if quantized and min(rescore_candidates, config.vocab_size) < top_k:
+    if item_table in ITEM_TABLE_BITS and min(rescore_candidates, config.vocab_size) < top_k:
         raise ValueError(f"rescore_candidates ({rescore_candidates}) must be >= top_k ({top_k})")
     model = model.eval()
     example_len = min(8, config.max_len)
@@ -197,7 +208,7 @@ def export_onnx(
     # empty starred entry
     dynamic_shapes: dict[str, Any] = {"tokens": {0: batch, 1: seq}}
     per_position = tuple({0: batch, 1: seq} for _ in contexts)
-    if quantized:
+    if query_graph:
         names, outputs = ["tokens", *contexts], ["query"]
         if contexts:
             dynamic_shapes["context"] = per_position
@@ -206,14 +217,14 @@ def export_onnx(
         # a width unlike the other example sizes, so the exporter cannot tie n_exclude to them
         example += (torch.zeros((2, example_len + 3), dtype=torch.long),)
         dynamic_shapes["inputs"] = per_position + ({0: batch, 1: torch.export.Dim("n_exclude", min=1)},)
-    vocab_tables = _vocabulary_tables(model)
+    vocab_tables = token_tables(model)
     table_bytes = sum(t.numel() * t.element_size() for t in vocab_tables.values())
-    # A quantized graph only gathers rows of the vocabulary tables, so for a large catalogue the
+    # A query graph only gathers rows of the vocabulary tables, so for a large catalogue the
     # encoder is exported at a stand-in vocabulary and the real tables are attached afterwards as
     # external data: the exporter never holds (and copies) gigabytes of tables in a protobuf.
-    stand_in = quantized and table_bytes > LARGE_TABLE_BYTES
+    stand_in = query_graph and table_bytes > LARGE_TABLE_BYTES
     traced = _with_vocabulary(model, config, STAND_IN_VOCAB) if stand_in else model
-    wrapper = (_QueryNext(traced, contexts) if quantized else _ScoreNext(traced, contexts, top_k)).eval()
+    wrapper = (_QueryNext(traced, contexts) if query_graph else _ScoreNext(traced, contexts, top_k)).eval()
     with torch.no_grad():
         program = torch.onnx.export(
             wrapper,
@@ -227,7 +238,7 @@ def export_onnx(
         )
     assert program is not None
     graph_model = program.model
-    if quantized:
+    if query_graph:
         with torch.no_grad():
             table = model.item_emb.weight.detach().cpu().numpy()
             bias = (model.out_bias + model.get_buffer("special_mask")).detach().cpu().numpy()
@@ -236,10 +247,17 @@ def export_onnx(
             expected = model.logits(probe).numpy()
             rebuilt = (model.head(probe) @ model.item_emb.weight.t()).numpy() + bias
         if not np.allclose(expected, rebuilt, atol=1e-4, rtol=0):
-            raise ValueError("the quantized ranking head needs logits = head(h) @ item_emb.T + out_bias "
+            raise ValueError(f"the {item_table} ranking needs logits = head(h) @ item_emb.T + out_bias "
                              "(+ the special tokens' -inf); this model computes them otherwise")
-        add_quantized_ranking_head(graph_model, table, bias, top_k, ITEM_TABLE_BITS[item_table], rescore_candidates,
-                                   table_initializer=f"model.{ITEM_TABLE}" if stand_in else None)
+        if item_table in ITEM_TABLE_BITS:
+            add_quantized_ranking_head(graph_model, table, bias, top_k, ITEM_TABLE_BITS[item_table],
+                                       rescore_candidates, table_initializer=f"model.{ITEM_TABLE}" if stand_in else None)
+        del table, bias
+    ann_report = None
+    if item_table == "ann":
+        # enough candidates for a full top-K after the longest history is left out
+        ann_report = build_ann_files(model, path.parent, ann or AnnOptions(), top_k, top_k + config.max_len - 1,
+                                     ann_tuning_queries)
     external = None
     if stand_in:
         external = path.name + EXTERNAL_DATA_SUFFIX
@@ -259,17 +277,24 @@ def export_onnx(
     else:
         ir.save(graph_model, path)
     onnx.checker.check_model(str(path), full_check=True)
+    inputs = [str(v.name) for v in graph_model.graph.inputs]  # the exporter names every input
+    outputs = [str(v.name) for v in graph_model.graph.outputs]
+    if ann_report is not None:  # the served interface: the ANN stage takes exclude, returns the top-K
+        inputs, outputs = [*inputs, "exclude"], ["top_scores", "top_tokens"]
+    size = path.stat().st_size + ((path.parent / external).stat().st_size if external else 0)
     return ExportReport(
         path=str(path),
         opset=OPSET,
-        inputs=[str(v.name) for v in graph_model.graph.inputs],  # the exporter names every input
-        outputs=[str(v.name) for v in graph_model.graph.outputs],
+        inputs=inputs,
+        outputs=outputs,
         contexts=contexts,
         top_k=top_k,
         vocab_size=config.vocab_size,
-        bytes=path.stat().st_size + ((path.parent / external).stat().st_size if external else 0),
+        bytes=size + (ann_report.index_bytes + ann_report.table_bytes if ann_report else 0),
         external_data=external,
         seconds=round(time.perf_counter() - started, 3),
         item_table=item_table,
-        rescore_candidates=min(rescore_candidates, config.vocab_size) if quantized else None,
+        rescore_candidates=(ann_report.candidates if ann_report else min(rescore_candidates, config.vocab_size))
+        if query_graph else None,
+        ann=ann_report,
     )

@@ -7,10 +7,11 @@ head, recall@k against fp32 PyTorch and exactness of the scores it returns.
 
 from __future__ import annotations
 
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import onnxruntime as ort
@@ -29,15 +30,18 @@ class ParityBatch:
 
 
 def validation_batches(
-    data: SequenceData, max_len: int, contexts: Sequence[str], n_sequences: int, batch_size: int = 256
+    data: SequenceData, max_len: int, contexts: Sequence[str], n_sequences: int, batch_size: int = 256,
+    start: int = 0,
 ) -> Iterator[ParityBatch]:
-    """The first `n_sequences` validation inputs (history tokens[:-2] -> tokens[-2]), batched as
-    training evaluates them (eval_batches); the request context of the [MASK] is the target's."""
+    """`n_sequences` validation inputs from the `start`-th on (history tokens[:-2] -> tokens[-2]),
+    batched as training evaluates them (eval_batches); the request context of the [MASK] is the target's."""
     split = data.split("train")
     valid = split.valid
     if valid is None or len(valid) == 0:
         raise ValueError("no validation sequences (users need >= 3 items)")
-    subset = valid.subset(slice(0, min(n_sequences, len(valid))))
+    if start >= len(valid):
+        raise ValueError(f"start {start} is past the {len(valid)} validation sequences")
+    subset = valid.subset(slice(start, min(start + n_sequences, len(valid))))
     for rows, tokens, ctx in eval_batches(subset, max_len, batch_size):
         hist = [np.unique(subset.histories[r]) for r in rows]
         width = max(len(h) for h in hist)
@@ -183,17 +187,54 @@ def quantized_ranking_check(
 ) -> QuantizedRankingReport:
     """recall@k of the graph's top-k against fp32 PyTorch's, and that the scores it returns are the
     fp32 scores of those items (the rescoring is exact; only the candidate set is approximate)."""
-    model = model.eval()
     session = cpu_session(onnx_path)
     input_names = [i.name for i in session.get_inputs()]
+
+    def run(feeds: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        top_scores, top_tokens = session.run(["top_scores", "top_tokens"], {name: feeds[name] for name in input_names})
+        return top_scores, top_tokens
+
+    return _ranking_check(model, run, batches, k, min_recall, tolerance)
+
+
+def bundle_ranking_check(
+    model: BERT4Rec,
+    bundle_dir: str | Path,
+    batches: Sequence[ParityBatch],
+    k: int = 10,
+    min_recall: float = 0.99,
+    tolerance: float = 1e-4,
+    threads: int = 2,
+) -> QuantizedRankingReport:
+    """quantized_ranking_check through serving's ranker on a whole bundle: any ranking, the ANN
+    stage of an item_table="ann" bundle (graph, index and table) included."""
+    from recsys_serving.bundle import load_bundle
+    from recsys_serving.model import OnnxRanker
+
+    bundle = load_bundle(Path(bundle_dir))
+    # cache_dir: TensorRT's engine cache, unused on the CPU
+    ranker = OnnxRanker(bundle, intra_threads=threads, use_gpu=False, cache_dir=Path(tempfile.gettempdir()))
+
+    def run(feeds: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        return ranker.rank_batch({name: feeds[name] for name in ranker.input_names})
+
+    return _ranking_check(model, run, batches, k, min_recall, tolerance)
+
+
+def _ranking_check(
+    model: BERT4Rec,
+    run: Callable[[dict[str, np.ndarray]], tuple[np.ndarray, np.ndarray]],
+    batches: Sequence[ParityBatch],
+    k: int,
+    min_recall: float,
+    tolerance: float,
+) -> QuantizedRankingReport:
+    model = model.eval()
     n = identical = 0
     recall_sum = 0.0
     max_diff = 0.0
     for batch in batches:
-        feeds = {"tokens": batch.tokens, **batch.contexts, "exclude": batch.exclude}
-        top_scores, top_tokens = session.run(
-            ["top_scores", "top_tokens"], {name: feeds[name] for name in input_names}
-        )
+        top_scores, top_tokens = run({"tokens": batch.tokens, **batch.contexts, "exclude": batch.exclude})
         with torch.no_grad():
             ref = model.score_next(
                 torch.from_numpy(batch.tokens), **{c: torch.from_numpy(v) for c, v in batch.contexts.items()}
