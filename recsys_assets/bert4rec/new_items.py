@@ -91,7 +91,8 @@ def fit_new_items(
     with its last position masked (next-item windows; with `target_masks` only at targets)."""
     started = time.perf_counter()
     n_new = model.config.vocab_size - first_new
-    tables = {name: p for name, p in model.named_parameters() if p.shape[0] == model.config.vocab_size}
+    names = token_tables(model)
+    tables = {name: p for name, p in model.named_parameters() if name in names}
     batching = BatchingConfig(batch_size=cfg.batch_size, windows="prefixes", mask_prob=0.0, bucket_batches=1)
     index = ExampleIndex(sequences, batching, model.config.max_len, target_masks)
     ids = windows_with_new_items(index, sequences, first_new)
