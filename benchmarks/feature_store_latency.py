@@ -1,12 +1,16 @@
 """Online read latency of the feature store for one user: SQLite vs Redis (p50 / p99), and push latency.
 
-Builds a cleaned_interactions table of `--users` users x `--events-per-user` events in DuckDB, runs the
+Builds a cleaned_interactions table of `--users` users x `--events-per-user` events in DuckDB (or
+takes the one in `--warehouse`, e.g. the 100M-event run of `pipeline_scale.py --keep`), runs the
 real pipeline (build_user_sequence_features -> feast apply -> materialize_latest) into each online
 store, then times FeatureStoreClient.get_user_sequence (what serving calls per /recommend) for random
-users and push_event (per POST /events). Redis: `--redis-connection host:port`, else a private
-redis-server on a free port when the binary is installed, else that store is skipped (said so).
+users and push_event (per POST /events). Time and peak RSS (this process and its children, a private
+redis-server included) are recorded per phase, with the online store's size. Redis:
+`--redis-connection host:port`, else a private redis-server on a free port when the binary is
+installed, else that store is skipped (said so).
 
     python benchmarks/feature_store_latency.py --users 5000 --reads 3000
+    python benchmarks/feature_store_latency.py --warehouse /path/to/scale/warehouse.duckdb --reads 20000
 """
 
 from __future__ import annotations
@@ -29,6 +33,8 @@ import duckdb
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+
+from pipeline_scale import PeakRss  # noqa: E402  (this script's own directory is on sys.path)
 
 from recsys_assets.data.user_features import (  # noqa: E402
     FEATURE_FILE,
@@ -81,27 +87,55 @@ def time_calls(fn, args: list, warmup: int) -> list[float]:
     return samples
 
 
-def bench_store(kind: str, feature_path: Path, users: int, reads: int, pushes: int, max_len: int, seed: int) -> dict:
+def sample_users(feature_path: Path, n: int, seed: int) -> list[str]:
+    """`n` user ids drawn with replacement from the feature table (ids need not follow a pattern)."""
+    with duckdb.connect() as con:
+        ids = [r[0] for r in con.execute(
+            f"SELECT DISTINCT user_id FROM read_parquet(?) USING SAMPLE reservoir({n} ROWS) REPEATABLE ({seed})",
+            [str(feature_path)],
+        ).fetchall()]
+    rng = random.Random(seed)
+    return [rng.choice(ids) for _ in range(n)]
+
+
+def online_store_bytes(kind: str, home: Path, connection: str) -> int:
+    if kind == "redis":
+        import redis
+
+        host, port = connection.rsplit(":", 1)
+        return int(redis.Redis(host=host, port=int(port)).info("memory")["used_memory"])
+    return sum(f.stat().st_size for f in (home / "feast").glob("online_store.db*"))
+
+
+def bench_store(
+    kind: str, feature_path: Path, reads: int, pushes: int, max_len: int, seed: int, monitor: PeakRss,
+    home: Path, connection: str,
+) -> dict:
     store = load_feature_store(FEATURE_REPO, kind)
     apply_feature_repo(store, FEATURE_REPO, max_len=max_len)
+    monitor.reset_stage()
     t = time.perf_counter()
     stats = materialize_latest(store, feature_path)
     materialize_s = time.perf_counter() - t
+    materialize_rss, _ = monitor.stage()
+    size = online_store_bytes(kind, home, connection)
+    print(f"{kind}: materialized {stats.written:,} users in {materialize_s:.1f}s, peak RSS "
+          f"{materialize_rss / 1e9:.2f} GB, online store {size / 1e9:.2f} GB", flush=True)
     client = FeatureStoreClient(FEATURE_REPO, online_store=kind)
-    rng = random.Random(seed)
     warmup = min(200, reads // 5)
-    ids = [f"u{rng.randrange(users)}" for _ in range(reads + warmup)]
+    ids = sample_users(feature_path, reads + warmup + pushes + 20 + 8 * (pushes // 8 + 5), seed)
     assert client.get_user_sequence(ids[0]) is not None
-    read = percentiles(time_calls(client.get_user_sequence, ids, warmup))
+    read = percentiles(time_calls(client.get_user_sequence, ids[: reads + warmup], warmup))
+    others = iter(ids[reads + warmup:])
     t0 = datetime(2030, 1, 1, tzinfo=timezone.utc)
-    events = [(f"u{rng.randrange(users)}", i) for i in range(pushes + 20)]
+    events = [(next(others), i) for i in range(pushes + 20)]
     push = percentiles(
         time_calls(lambda e: client.push_event(e[0], f"i{e[1]}", "cart", t0 + timedelta(seconds=e[1])), events, 20)
     )
     # what the service's event writer does under load: one read and one write per batch of 8 events,
     # on a connection of its own (FeatureStoreClient.for_writes)
     batches = [
-        [PushedEvent(user_id=f"u{rng.randrange(users)}", item_id=f"i{n}", event_type="cart",
+        [PushedEvent(user_id=next(others), item_id=f"i{n}", event_type="cart",
                      ts=t0 + timedelta(days=1, seconds=b * 8 + n)) for n in range(8)]
         for b in range(pushes // 8 + 5)
     ]
@@ -110,6 +144,8 @@ def bench_store(kind: str, feature_path: Path, users: int, reads: int, pushes: i
         "online_store": kind,
         "materialized_users": stats.written,
         "materialize_s": round(materialize_s, 2),
+        "materialize_peak_rss_gb": round(materialize_rss / 1e9, 2),
+        "online_store_gb": round(size / 1e9, 3),
         "users_per_s": round(stats.written / max(materialize_s, 1e-9)),
         "get_user_sequence": read,
         "push_event": push,
@@ -150,6 +186,12 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--users", type=int, default=5000)
     parser.add_argument("--events-per-user", type=int, default=60)
+    parser.add_argument(
+        "--warehouse", type=Path, default=None,
+        help="DuckDB file whose cleaned_interactions to use (read only) instead of generating --users",
+    )
+    parser.add_argument("--memory-limit", default="8GB", help="DuckDB memory_limit of the feature table build.")
+    parser.add_argument("--workdir", type=Path, default=None, help="Where the stores live (default: a temporary dir).")
     parser.add_argument("--max-len", type=int, default=50)
     parser.add_argument("--reads", type=int, default=3000)
     parser.add_argument("--pushes", type=int, default=500)
@@ -159,26 +201,43 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
 
-    with tempfile.TemporaryDirectory(prefix="recsys-bench-") as tmp:
+    monitor = PeakRss().start()
+    with tempfile.TemporaryDirectory(prefix="recsys-bench-", dir=args.workdir) as tmp:
         home = Path(tmp)
         os.environ["RECSYS_HOME"] = str(home)
-        with duckdb.connect(str(home / "warehouse.duckdb")) as con:
-            n_events = make_interactions(con, args.users, args.events_per_user, args.seed)
+        db = args.warehouse or home / "warehouse.duckdb"
+        with duckdb.connect(str(db), read_only=args.warehouse is not None) as con:
+            con.execute(f"SET memory_limit = '{args.memory_limit}'")
+            con.execute(f"SET temp_directory = '{home / 'duckdb_tmp'}'")
+            if args.warehouse is None:
+                n_events = make_interactions(con, args.users, args.events_per_user, args.seed)
+            else:
+                n_events = con.execute("SELECT count(*) FROM cleaned_interactions").fetchall()[0][0]
+            monitor.reset_stage()
             t = time.perf_counter()
             table = build_user_sequence_features(
                 con, "cleaned_interactions", home / "features" / FEATURE_FILE, UserFeaturesConfig(max_len=args.max_len)
             )
             build_s = time.perf_counter() - t
+            build_rss, _ = monitor.stage()
+        feature_path = home / "features" / FEATURE_FILE
+        print(f"feature table: {table.rows:,} rows of {table.users:,} users from {n_events:,} events in "
+              f"{build_s:.1f}s, peak RSS {build_rss / 1e9:.2f} GB, {feature_path.stat().st_size / 1e9:.2f} GB",
+              flush=True)
         results: dict = {
-            "users": args.users,
+            "users": table.users,
             "events": n_events,
             "max_len": args.max_len,
-            "feature_table": {"rows": table.rows, "build_s": round(build_s, 2)},
+            "feature_table": {
+                "rows": table.rows, "build_s": round(build_s, 2), "build_peak_rss_gb": round(build_rss / 1e9, 2),
+                "parquet_gb": round(feature_path.stat().st_size / 1e9, 3),
+            },
             "stores": [],
             "skipped": {},
         }
         redis_proc = None
         for kind in [s.strip() for s in args.stores.split(",") if s.strip()]:
+            connection = ""
             if kind == "redis":
                 connection = args.redis_connection
                 if not connection:
@@ -191,22 +250,27 @@ def main(argv: list[str] | None = None) -> None:
                 os.environ["RECSYS_REDIS_CONNECTION"] = connection
             try:
                 results["stores"].append(
-                    bench_store(kind, home / "features" / FEATURE_FILE, args.users, args.reads, args.pushes,
-                                args.max_len, args.seed)
+                    bench_store(kind, feature_path, args.reads, args.pushes, args.max_len, args.seed, monitor,
+                                home, connection)
                 )
             finally:
                 if redis_proc is not None:
                     redis_proc.terminate()
-                    redis_proc.wait(timeout=10)
+                    redis_proc.wait(timeout=60)
                     redis_proc = None
+    monitor.stop()
 
-    print(f"{n_events:,} events, {args.users:,} users, max_len {args.max_len}; feature table {table.rows:,} rows "
+    print(f"{n_events:,} events, {table.users:,} users, max_len {args.max_len}; feature table {table.rows:,} rows "
           f"in {build_s:.1f}s")
     print(f"{'store':8} {'op':22} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'mean ms':>8}   materialize")
     for r in results["stores"]:
         for op in ("get_user_sequence", "push_event", "push_events_batch_of_8"):
             q = r[op]
-            extra = f"{r['materialized_users']:,} users in {r['materialize_s']}s" if op == "get_user_sequence" else ""
+            extra = (
+                f"{r['materialized_users']:,} users in {r['materialize_s']}s, peak RSS "
+                f"{r['materialize_peak_rss_gb']} GB, store {r['online_store_gb']} GB"
+                if op == "get_user_sequence" else ""
+            )
             print(f"{r['online_store']:8} {op:22} {q['p50_ms']:8.3f} {q['p95_ms']:8.3f} {q['p99_ms']:8.3f} "
                   f"{q['mean_ms']:8.3f}   {extra}")
     if args.json:

@@ -325,6 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--echo-over", type=float, default=5.0, help="Print each SQL statement taking at least this many seconds."
     )
     parser.add_argument("--reuse", action="store_true", help="Skip generation when --workdir holds the same data.")
+    parser.add_argument("--json", type=Path, default=None, help="Also write the results here (benchmarks/cost_growth.py reads it).")
     parser.add_argument(
         "--keep", action="store_true",
         help="Keep the DuckDB file afterwards, so later runs can start at a later stage (e.g. --stages clean,sequences).",
@@ -352,6 +353,17 @@ def main(argv: list[str] | None = None) -> None:
     report = markdown(results, header)
     print("\n" + report)
     (args.workdir / "results.md").write_text(report + "\n")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({
+            "users": args.users, "items": args.items, "events": args.events, "wall_s": round(wall, 1),
+            "load_average": [round(load_before[0], 2), round(load_after[0], 2)],
+            "stages": [
+                {"stage": r.stage, "seconds": round(r.seconds, 2), "rows": r.rows, "peak_rss_gb": round(r.peak_rss / 1e9, 3),
+                 "spill_gb": round(r.spill / 1e9, 3), "detail": r.detail}
+                for r in results
+            ],
+        }, indent=2))
     if not args.keep:
         shutil.rmtree(args.workdir / "duckdb_tmp", ignore_errors=True)
         for leftover in args.workdir.glob("warehouse.duckdb*"):

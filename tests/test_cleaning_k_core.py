@@ -57,3 +57,33 @@ def test_k_core_matches_brute_force(tmp_path: Path, seed: int, k_user: int, k_it
     assert summary.reconciles
     users = con.execute("SELECT min(n) FROM (SELECT count(*) n FROM cleaned_interactions GROUP BY user_id)").fetchall()
     assert not expected or users[0][0] >= k_user
+
+
+@pytest.mark.parametrize(("per_user", "per_minute"), [(40, 100), (20_000, 20)])
+def test_bots_by_total_or_by_burst_whichever_limit_is_smaller(tmp_path: Path, per_user: int, per_minute: int) -> None:
+    """A user over the total limit or over the per-minute limit is a bot, whichever limit is the
+    smaller one (the burst counts are only taken for users over it)."""
+    start = datetime(2024, 1, 1)
+    lines = ["user_id,item_id,event_type,ts"]
+    for n in range(50):  # 50 purchases a minute apart: over a total limit of 40
+        lines.append(f"steady,i{n % 5},purchase,{(start + timedelta(minutes=n)).isoformat()}Z")
+    for n in range(30):  # 30 purchases in one minute: over a burst limit of 20
+        lines.append(f"burst,i{n % 5},purchase,{(start + timedelta(seconds=n)).isoformat()}Z")
+    for u in range(3):  # ordinary users keep the items in the k-core
+        for n in range(10):
+            lines.append(f"u{u},i{n % 5},purchase,{(start + timedelta(hours=n)).isoformat()}Z")
+    path = tmp_path / "events.csv"
+    path.write_text("\n".join(lines) + "\n")
+    con = duckdb.connect()
+    load_events(con, path, "csv")
+    summary = clean_events(con, CleaningConfig(
+        bot_max_events_per_user=per_user, bot_max_events_per_minute=per_minute, now=datetime(2030, 1, 1),
+        min_user_interactions=1, min_item_interactions=1,
+    ))
+    bots = dict(con.execute(
+        "SELECT user_id, count(*) FROM quarantined_events WHERE reason = 'bot' GROUP BY user_id"
+    ).fetchall())
+    assert bots == ({"steady": 50} if per_user == 40 else {"burst": 30})
+    assert summary.by_reason["bot"] == sum(bots.values()) and summary.reconciles
+    detail = con.execute("SELECT any_value(detail) FROM quarantined_events WHERE reason = 'bot'").fetchall()[0][0]
+    assert detail == ("user has 50 events, up to 1 in one minute" if per_user == 40 else "user has 30 events, up to 30 in one minute")

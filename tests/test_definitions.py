@@ -36,7 +36,7 @@ def test_definitions_load_every_stage() -> None:
     assert DATA_ASSETS <= keys
     assert defs.resolve_job_def("retrain_job") is not None
     checks = {c.name for c in defs.resolve_asset_graph().asset_check_keys}
-    assert {"counts_reconcile", "no_null_ids", "time_ordered", "sequences_valid", "online_matches_offline"} <= checks
+    assert {"counts_reconcile", "no_null_ids", "no_duplicate_events", "sequences_valid", "online_matches_offline"} <= checks
 
 
 def test_jobs_schedules_and_sensors_of_the_location() -> None:
@@ -60,7 +60,7 @@ def test_jobs_schedules_and_sensors_of_the_location() -> None:
     assert selected("new_items_job") == DATA_ASSETS | {"new_item_bundle"}
     graph = defs.resolve_asset_graph()
     drift_checks = {c.name for c in defs.resolve_job_def("drift_job").asset_layer.asset_graph.asset_check_keys}
-    assert {"counts_reconcile", "no_null_ids", "time_ordered"} <= drift_checks
+    assert {"counts_reconcile", "no_null_ids", "no_duplicate_events"} <= drift_checks
 
     repo = defs.get_repository_def()
     settings = AutomationSettings()  # the crons come from the environment (defaults: tests/test_automation.py)
@@ -91,7 +91,7 @@ def test_selections_that_split_the_cleaning_multi_asset_resolve(query: str) -> N
     checks = selection.resolve_checks(graph)
     assert (AssetKey("cleaned_interactions") in keys) != (AssetKey("quarantined_events") in keys)
     # counts_reconcile follows cleaned_interactions: it is checked on the cleaning pass itself.
-    cleaned_checks = {"counts_reconcile", "no_null_ids", "time_ordered"}
+    cleaned_checks = {"counts_reconcile", "no_null_ids", "no_duplicate_events"}
     names = {c.name for c in checks}
     assert cleaned_checks <= names if AssetKey("cleaned_interactions") in keys else not cleaned_checks & names
     job = defs.resolve_implicit_global_asset_job_def().get_subset(asset_selection=keys, asset_check_selection=checks)

@@ -93,7 +93,7 @@ def test_cleaned_interactions_without_the_quarantine(tmp_path: Path, monkeypatch
     stored = {e.asset_key.to_user_string() for e in result.get_asset_materialization_events()}
     assert stored == {"raw_events", "cleaned_interactions"}
     checks = {c.check_name: c.passed for c in result.get_asset_check_evaluations()}
-    assert checks == {"raw_events_ids_unique": True, "counts_reconcile": True, "no_null_ids": True, "time_ordered": True}
+    assert checks == {"raw_events_ids_unique": True, "counts_reconcile": True, "no_null_ids": True, "no_duplicate_events": True}
     reconcile = next(c for c in result.get_asset_check_evaluations() if c.check_name == "counts_reconcile")
     raw, cleaned, quarantined = (reconcile.metadata[k].value for k in ("raw", "cleaned", "quarantined"))
     assert raw == cleaned + quarantined and quarantined > 0

@@ -52,7 +52,7 @@ counts_reconcile = AssetCheckSpec(
         "cleaned_interactions": AssetOut(
             io_manager_key="warehouse_io_manager",
             is_required=False,
-            description="Usable interactions in stable chronological order (user, ts, event_id).",
+            description="Usable interactions (no stored order: readers order by user_id, ts, event_id).",
         ),
         "quarantined_events": AssetOut(
             io_manager_key="warehouse_io_manager",
@@ -148,22 +148,24 @@ def no_null_ids(context: AssetCheckExecutionContext, warehouse: WarehouseResourc
     return AssetCheckResult(passed=nulls == 0, metadata={"rows_with_nulls": nulls})
 
 
-@asset_check(asset="cleaned_interactions", description="Rows are in per-user chronological order.")
-def time_ordered(context: AssetCheckExecutionContext, warehouse: WarehouseResource) -> AssetCheckResult:
+@asset_check(
+    asset="cleaned_interactions",
+    description="No two rows share user, item, event type and timestamp: duplicates are quarantined.",
+)
+def no_duplicate_events(context: AssetCheckExecutionContext, warehouse: WarehouseResource) -> AssetCheckResult:
     with warehouse.connect() as con:
-        # rowid follows insertion order, which is the stored order.
-        out_of_order = con.execute(
-            """SELECT count(*) FROM (
-                 SELECT ts < lag(ts) OVER (PARTITION BY user_id ORDER BY rowid) AS back
-                 FROM cleaned_interactions) WHERE back"""
-        ).fetchall()[0][0]
+        repeated = con.execute(
+            """SELECT count(*), coalesce(sum(n - 1), 0) FROM (
+                 SELECT count(*) AS n FROM cleaned_interactions
+                 GROUP BY user_id, item_id, event_type, ts HAVING count(*) > 1)"""
+        ).fetchall()[0]
     return AssetCheckResult(
-        passed=out_of_order == 0,
+        passed=repeated[0] == 0,
         severity=AssetCheckSeverity.ERROR,
-        metadata={"rows_before_their_predecessor": out_of_order},
+        metadata={"repeated_events": int(repeated[0]), "extra_rows": int(repeated[1])},
     )
 
 
 assets = [clean_raw_events]
 # counts_reconcile is a check spec of clean_raw_events (above).
-asset_checks = [no_null_ids, time_ordered]
+asset_checks = [no_null_ids, no_duplicate_events]

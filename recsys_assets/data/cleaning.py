@@ -92,13 +92,15 @@ class CleaningSummary(BaseModel):
 
 
 def _k_core(con: duckdb.DuckDBPyConnection, min_user: int, min_item: int, max_rounds: int) -> int:
-    """Peels `_core(event_id, u, i)` down to users with >= min_user and items with >= min_item rows.
+    """The k-core of `_core(event_id, u, i)`: users with >= min_user and items with >= min_item rows
+    among the rows of users and items that stay.
 
     Incremental peeling: degrees are counted once, then each round removes the users and items
     below k and subtracts only the interactions they take from the others (one scan of the integer
     pairs against two small sets), instead of re-aggregating the whole table every round. The
-    power-law tail of a large catalogue needs 15+ rounds, so this dominates cleaning at 100M rows.
-    Degree -1 marks a removed user or item. Returns the number of rounds.
+    power-law tail of a large catalogue needs 15+ rounds.
+    Degree -1 in `_udeg` / `_ideg` marks a removed user or item (`_core` itself is left as it
+    is). Returns the number of rounds.
     """
     con.execute("CREATE OR REPLACE TEMP TABLE _udeg AS SELECT u, count(*)::BIGINT AS n FROM _core GROUP BY u")
     con.execute("CREATE OR REPLACE TEMP TABLE _ideg AS SELECT i, count(*)::BIGINT AS n FROM _core GROUP BY i")
@@ -127,14 +129,6 @@ def _k_core(con: duckdb.DuckDBPyConnection, min_user: int, min_item: int, max_ro
             "UPDATE _ideg SET n = _ideg.n - h.c FROM (SELECT i, count(*) AS c FROM _hit GROUP BY i) h "
             "WHERE _ideg.i = h.i AND _ideg.n >= 0"
         )
-    con.execute(
-        """
-        CREATE OR REPLACE TEMP TABLE _core AS
-        SELECT c.* FROM _core c
-        SEMI JOIN (SELECT u FROM _udeg WHERE n >= 0) USING (u)
-        SEMI JOIN (SELECT i FROM _ideg WHERE n >= 0) USING (i)
-        """
-    )
     return rounds
 
 
@@ -161,34 +155,37 @@ def clean_events(
 
     known = _sql_list(list(EVENT_TYPES))
     kept_types = _sql_list(config.event_types)
-    # 1. Row-level checks, in REASONS order.
-    con.execute(
-        f"""
-        CREATE OR REPLACE TEMP TABLE _checked AS
-        SELECT event_id, user_id, item_id, event_type, ts,
-          CASE
+    # 1. Row-level checks, in REASONS order. Only the failing rows are stored (about 1 %); the
+    #    next statement reads the raw table again with the same test instead of a 100M-row copy.
+    row_reason = f"""CASE
             WHEN parse_error IS NOT NULL THEN 'malformed'
             WHEN user_id IS NULL OR trim(user_id) = '' OR item_id IS NULL OR trim(item_id) = '' THEN 'null_id'
             WHEN event_type IS NULL OR event_type NOT IN ({known}) THEN 'unknown_event_type'
             WHEN ts IS NULL THEN 'null_timestamp'
-            WHEN ts > ?::TIMESTAMP THEN 'future_timestamp'
-            WHEN ts < ?::TIMESTAMP THEN 'ancient_timestamp'
+            WHEN ts > $now::TIMESTAMP THEN 'future_timestamp'
+            WHEN ts < $earliest::TIMESTAMP THEN 'ancient_timestamp'
             WHEN event_type NOT IN ({kept_types}) THEN 'excluded_event_type'
-          END AS reason,
-          CASE
-            WHEN parse_error IS NOT NULL THEN parse_error
-            WHEN user_id IS NULL OR trim(user_id) = '' THEN 'user_id is null or empty'
-            WHEN item_id IS NULL OR trim(item_id) = '' THEN 'item_id is null or empty'
-            WHEN event_type IS NULL OR event_type NOT IN ({known})
+          END"""
+    bounds = {"now": now, "earliest": config.earliest_ts}
+    con.execute(
+        f"""
+        CREATE OR REPLACE TEMP TABLE _invalid AS
+        SELECT event_id, reason,
+          CASE reason
+            WHEN 'malformed' THEN parse_error
+            WHEN 'null_id' THEN CASE WHEN user_id IS NULL OR trim(user_id) = '' THEN 'user_id is null or empty'
+                                     ELSE 'item_id is null or empty' END
+            WHEN 'unknown_event_type'
               THEN 'event_type ' || coalesce('''' || event_type || '''', 'NULL') || ' is not one of {known.replace("'", "")}'
-            WHEN ts IS NULL THEN 'ts is null'
-            WHEN ts > ?::TIMESTAMP THEN 'ts ' || ts::VARCHAR || ' is after ' || ?::VARCHAR
-            WHEN ts < ?::TIMESTAMP THEN 'ts ' || ts::VARCHAR || ' is before ' || ?::VARCHAR
-            WHEN event_type NOT IN ({kept_types}) THEN 'event_type ' || event_type || ' is not configured as a token'
+            WHEN 'null_timestamp' THEN 'ts is null'
+            WHEN 'future_timestamp' THEN 'ts ' || ts::VARCHAR || ' is after ' || $now_text
+            WHEN 'ancient_timestamp' THEN 'ts ' || ts::VARCHAR || ' is before ' || $earliest_text
+            WHEN 'excluded_event_type' THEN 'event_type ' || event_type || ' is not configured as a token'
           END AS detail
-        FROM "{raw_table}"
+        FROM (SELECT *, {row_reason} AS reason FROM "{raw_table}")
+        WHERE reason IS NOT NULL
         """,
-        [now, config.earliest_ts, now, now.isoformat(sep=" "), config.earliest_ts, config.earliest_ts.isoformat(sep=" ")],
+        {**bounds, "now_text": now.isoformat(sep=" "), "earliest_text": config.earliest_ts.isoformat(sep=" ")},
     )
     # 2. Duplicates and repeated views: one sort per user puts exact duplicates next to each other
     #    (same ts, item, type) and a reload right after the view it repeats.
@@ -203,82 +200,89 @@ def clean_events(
         FROM (
           SELECT event_id, user_id, item_id, event_type, ts,
             lag(item_id) OVER w AS prev_item, lag(event_type) OVER w AS prev_type, lag(ts) OVER w AS prev_ts
-          FROM _checked WHERE reason IS NULL
+          FROM "{raw_table}" WHERE ({row_reason}) IS NULL
           WINDOW w AS (PARTITION BY user_id ORDER BY ts, item_id, event_type, event_id)
         )
-        """
+        """,
+        bounds,
     )
-    # 3. Bots: total volume or burst rate of the user's well-formed events (reloads count: bots reload).
+    # 3. Bots: total volume or burst rate of the user's well-formed events (reloads count: bots
+    #    reload). Either needs more events in all than the smaller limit, so the per-minute counts
+    #    are taken for those users only.
+    con.execute(
+        "CREATE OR REPLACE TEMP TABLE _user_events AS SELECT user_id, count(*) AS total FROM _sequenced GROUP BY user_id"
+    )
     con.execute(
         f"""
         CREATE OR REPLACE TEMP TABLE _bots AS
-        SELECT user_id, max(n) AS burst, sum(n) AS total
-        FROM (SELECT user_id, count(*) AS n FROM _checked WHERE reason IS NULL
-              GROUP BY user_id, date_trunc('minute', ts))
+        SELECT user_id, max(n) AS burst, any_value(total) AS total
+        FROM (SELECT s.user_id, any_value(u.total) AS total, count(*) AS n
+              FROM _sequenced s JOIN _user_events u USING (user_id)
+              WHERE u.total > {min(config.bot_max_events_per_user, config.bot_max_events_per_minute)}
+              GROUP BY s.user_id, date_trunc('minute', s.ts))
         GROUP BY user_id
-        HAVING sum(n) > {config.bot_max_events_per_user} OR max(n) > {config.bot_max_events_per_minute}
+        HAVING any_value(total) > {config.bot_max_events_per_user} OR max(n) > {config.bot_max_events_per_minute}
         """
     )
     # 4. Iterative k-core over the survivors: dropping items can push users below k and back.
     #    Integer codes instead of the string ids make each round's aggregates and semi-joins cheap.
-    con.execute(
-        """
-        CREATE OR REPLACE TEMP TABLE _survivors AS
-        SELECT s.event_id, s.user_id, s.item_id, s.ts FROM _sequenced s
-        ANTI JOIN _bots b USING (user_id) WHERE s.reason IS NULL
-        """
-    )
+    #    Every user with well-formed events keeps their first one (no duplicate or reload), so the
+    #    survivors' users are those users less the bots.
     con.execute(
         "CREATE OR REPLACE TEMP TABLE _users AS SELECT user_id, (row_number() OVER ())::INTEGER AS u "
-        "FROM (SELECT DISTINCT user_id FROM _survivors)"
+        "FROM _user_events ANTI JOIN _bots USING (user_id)"
     )
     con.execute(
         "CREATE OR REPLACE TEMP TABLE _items AS SELECT item_id, (row_number() OVER ())::INTEGER AS i "
-        "FROM (SELECT DISTINCT item_id FROM _survivors)"
+        "FROM (SELECT DISTINCT item_id FROM _sequenced)"
     )
     con.execute(
         """
         CREATE OR REPLACE TEMP TABLE _core AS
-        SELECT s.event_id, u.u, i.i FROM _survivors s JOIN _users u USING (user_id) JOIN _items i USING (item_id)
+        SELECT s.event_id, u.u, i.i FROM _sequenced s JOIN _users u USING (user_id) JOIN _items i USING (item_id)
+        WHERE s.reason IS NULL
         """
     )
     rounds = _k_core(con, config.min_user_interactions, config.min_item_interactions, config.max_k_core_rounds)
 
+    # 5. One verdict per quarantined row (about a sixth of them): the quarantine is the raw rows
+    #    with a verdict, the cleaned table the others, both hash joins against this small table.
+    con.execute(
+        f"""
+        CREATE OR REPLACE TEMP TABLE _verdict AS
+        SELECT event_id, reason, detail FROM _invalid
+        UNION ALL
+        SELECT event_id, reason,
+          CASE reason WHEN 'duplicate' THEN 'same user, item, type and ts as an earlier event'
+                      ELSE 'view of the item viewed just before, within {config.repeated_view_window_s}s' END
+        FROM _sequenced WHERE reason IS NOT NULL
+        UNION ALL
+        SELECT s.event_id, 'bot', 'user has ' || b.total || ' events, up to ' || b.burst || ' in one minute'
+        FROM _sequenced s JOIN _bots b USING (user_id) WHERE s.reason IS NULL
+        UNION ALL
+        SELECT c.event_id, 'below_k_core',
+          'user or item below {config.min_user_interactions}/{config.min_item_interactions} interactions'
+        FROM _core c JOIN _udeg du USING (u) JOIN _ideg di USING (i) WHERE du.n < 0 OR di.n < 0
+        """
+    )
     raw_cols = ", ".join(f'r."{c}"' for c in RAW_EVENTS_COLUMNS)
     con.execute(
         f"""
         CREATE OR REPLACE TABLE "{quarantine_table}" AS
-        WITH verdict AS (
-          SELECT event_id, reason, detail FROM _checked WHERE reason IS NOT NULL
-          UNION ALL
-          SELECT event_id, reason,
-            CASE reason WHEN 'duplicate' THEN 'same user, item, type and ts as an earlier event'
-                        ELSE 'view of the item viewed just before, within {config.repeated_view_window_s}s' END
-          FROM _sequenced WHERE reason IS NOT NULL
-          UNION ALL
-          SELECT s.event_id, 'bot', 'user has ' || b.total || ' events, up to ' || b.burst || ' in one minute'
-          FROM _sequenced s JOIN _bots b USING (user_id) WHERE s.reason IS NULL
-          UNION ALL
-          SELECT s.event_id, 'below_k_core',
-            'user or item below {config.min_user_interactions}/{config.min_item_interactions} interactions'
-          FROM _sequenced s ANTI JOIN _bots b USING (user_id) ANTI JOIN _core c USING (event_id)
-          WHERE s.reason IS NULL
-        )
-        SELECT {raw_cols}, v.reason, v.detail
-        FROM "{raw_table}" r JOIN verdict v USING (event_id)
+        SELECT {raw_cols}, v.reason, v.detail FROM "{raw_table}" r JOIN _verdict v USING (event_id)
         """
     )
+    # No stored order: sorting 80M+ rows costs more than it saves its readers, which each order
+    # what they read (docs/DATA_CONTRACTS.md).
     canonical = ", ".join(f'r."{c}"' for c in CANONICAL_COLUMNS)
     con.execute(
         f"""
         CREATE OR REPLACE TABLE "{cleaned_table}" AS
-        SELECT r.event_id, {canonical}
-        FROM "{raw_table}" r JOIN _core c USING (event_id)
-        ORDER BY c.u, r.ts, r.event_id  -- per-user chronological; the integer code sorts faster than the id
+        SELECT r.event_id, {canonical} FROM "{raw_table}" r ANTI JOIN _verdict v USING (event_id)
         """
     )
-    for temp in ("_checked", "_sequenced", "_bots", "_survivors", "_users", "_items", "_core",
-                 "_udeg", "_ideg", "_bad_u", "_bad_i", "_hit"):
+    for temp in ("_invalid", "_sequenced", "_user_events", "_bots", "_users", "_items", "_core",
+                 "_udeg", "_ideg", "_bad_u", "_bad_i", "_hit", "_verdict"):
         con.execute(f"DROP TABLE IF EXISTS {temp}")
 
     raw = con.execute(f'SELECT count(*) FROM "{raw_table}"').fetchall()[0][0]
