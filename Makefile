@@ -7,7 +7,7 @@ export RECSYS_HOME ?= $(CURDIR)/.recsys
 export DAGSTER_HOME ?= $(RECSYS_HOME)/dagster
 export PYTHONUNBUFFERED := 1
 
-.PHONY: run test ui serve venv dagster-home system-deps bench-pipeline bench-quality bench-serve bench-features clean
+.PHONY: run test ui serve venv dagster-home system-deps bench-pipeline bench-quality bench-serve bench-features bench-cost clean
 
 venv: $(VENV)/.installed
 
@@ -90,6 +90,10 @@ bench-pipeline: venv
 
 bench-features: venv
 	$(BIN)/python benchmarks/feature_store_latency.py
+
+# the table and plot of how cost grows, from the reports the stage benchmarks wrote (see its docstring)
+bench-cost: venv
+	$(BIN)/python benchmarks/cost_growth.py --reports $(RECSYS_HOME)/reports/cost_growth --train $(RECSYS_HOME)/reports/train_scale.json
 
 bench-quality: venv
 	$(BIN)/python benchmarks/quality_beauty.py

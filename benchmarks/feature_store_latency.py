@@ -201,6 +201,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
 
+    if args.reads < 2 or args.pushes < 16:  # percentiles need two timed calls; pushes are also timed in batches of 8
+        parser.error("--reads must be at least 2 and --pushes at least 16")
+    if args.warehouse is not None and not args.warehouse.is_file():
+        parser.error(f"--warehouse {args.warehouse}: no such DuckDB file (pipeline_scale.py --keep leaves one)")
+    if args.workdir is not None:
+        args.workdir.mkdir(parents=True, exist_ok=True)
     monitor = PeakRss().start()
     with tempfile.TemporaryDirectory(prefix="recsys-bench-", dir=args.workdir) as tmp:
         home = Path(tmp)
