@@ -75,8 +75,8 @@ def materialization_cell(report: dict[str, Any] | None) -> Cell:
 
 
 def training_cell(report: dict[str, Any] | None, items: int) -> Cell:
-    """The sampled-softmax step at the catalogue nearest below `items` that was run (2M did not fit
-    this machine: the 100 % row is the 1,190,898 items left after cleaning 100M events)."""
+    """The sampled-softmax step at the largest catalogue run up to `items`: at 100 % the 1,190,898
+    items that cleaning leaves of 2M (the 2M step itself needs 22 GB: README, "Training at 2M items")."""
     if report is None:
         return Cell()
     runs = [r for r in report["results"] if r["loss"] == "sampled" and r.get("ms_per_step") and r["items"] <= items]
