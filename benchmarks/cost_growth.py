@@ -40,7 +40,7 @@ FILE_SUFFIX = {"1 %": "1", "10 %": "10", "100 %": "100"}
 
 @dataclass
 class Cell:
-    seconds: float | None = None  # wall time of the stage (ms for a step or a request: see `unit`)
+    value: float | None = None  # the stage's time, in UNITS[stage] (seconds, or ms for one step or request)
     gb: float | None = None
     note: str = ""
 
@@ -131,10 +131,10 @@ def markdown(table: dict[str, dict[str, Cell]]) -> str:
         parts = []
         for s in stages:
             c = cells[s]
-            if c.seconds is None:
+            if c.value is None:
                 parts.append("not run")
                 continue
-            text = f"{c.seconds:,.1f} / {c.gb:.2f}" if c.gb is not None else f"{c.seconds:,.1f}"
+            text = f"{c.value:,.1f} / {c.gb:.2f}" if c.gb is not None else f"{c.value:,.1f}"
             parts.append(text + (f" ({c.note})" if c.note else ""))
         lines.append(f"| {label} | " + " | ".join(parts) + " |")
     return "\n".join(lines)
@@ -150,7 +150,7 @@ def plot(table: dict[str, dict[str, Cell]], out: Path) -> None:
     fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(11, 4.2))
     for stage, unit in UNITS.items():
         points = [(xi, table[s][stage]) for xi, s in zip(x, table)]
-        t = [(xi, c.seconds / (1000 if unit == "ms" else 1)) for xi, c in points if c.seconds is not None]
+        t = [(xi, c.value / (1000 if unit == "ms" else 1)) for xi, c in points if c.value is not None]
         m = [(xi, c.gb) for xi, c in points if c.gb is not None]
         label = stage + (" (one)" if unit == "ms" else "")
         if t:
@@ -186,7 +186,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--plot", type=Path, default=Path("docs/cost_growth.png"))
     args = parser.parse_args(argv)
     table = collect(args.reports, args.train)
-    missing = [f"{scale} {stage}" for scale, cells in table.items() for stage, c in cells.items() if c.seconds is None]
+    missing = [f"{scale} {stage}" for scale, cells in table.items() for stage, c in cells.items() if c.value is None]
     print(markdown(table))
     if missing:
         print("\nnot run: " + ", ".join(missing))

@@ -98,18 +98,19 @@ def sample_users(feature_path: Path, n: int, seed: int) -> list[str]:
     return [rng.choice(ids) for _ in range(n)]
 
 
-def online_store_bytes(kind: str, home: Path, connection: str) -> int:
+def online_store_bytes(store, kind: str, connection: str) -> int:
     if kind == "redis":
         import redis
 
         host, port = connection.rsplit(":", 1)
         return int(redis.Redis(host=host, port=int(port)).info("memory")["used_memory"])
-    return sum(f.stat().st_size for f in (home / "feast").glob("online_store.db*"))
+    db = Path(store.config.online_store.path)  # the path feature_store.yaml resolves to; journal files beside it
+    return sum(f.stat().st_size for f in db.parent.glob(db.name + "*"))
 
 
 def bench_store(
     kind: str, feature_path: Path, reads: int, pushes: int, max_len: int, seed: int, monitor: PeakRss,
-    home: Path, connection: str,
+    connection: str,
 ) -> dict:
     store = load_feature_store(FEATURE_REPO, kind)
     apply_feature_repo(store, FEATURE_REPO, max_len=max_len)
@@ -118,17 +119,18 @@ def bench_store(
     stats = materialize_latest(store, feature_path)
     materialize_s = time.perf_counter() - t
     materialize_rss, _ = monitor.stage()
-    size = online_store_bytes(kind, home, connection)
+    size = online_store_bytes(store, kind, connection)
     print(f"{kind}: materialized {stats.written:,} users in {materialize_s:.1f}s, peak RSS "
           f"{materialize_rss / 1e9:.2f} GB, online store {size / 1e9:.2f} GB", flush=True)
     client = FeatureStoreClient(FEATURE_REPO, online_store=kind)
     warmup = min(200, reads // 5)
-    ids = sample_users(feature_path, reads + warmup + pushes + 20 + 8 * (pushes // 8 + 5), seed)
+    single_pushes, batches_of_8 = pushes + 20, pushes // 8 + 5  # warm-up included (20 and 5)
+    ids = sample_users(feature_path, reads + warmup + single_pushes + 8 * batches_of_8, seed)
     assert client.get_user_sequence(ids[0]) is not None
     read = percentiles(time_calls(client.get_user_sequence, ids[: reads + warmup], warmup))
     others = iter(ids[reads + warmup:])
     t0 = datetime(2030, 1, 1, tzinfo=timezone.utc)
-    events = [(next(others), i) for i in range(pushes + 20)]
+    events = [(next(others), i) for i in range(single_pushes)]
     push = percentiles(
         time_calls(lambda e: client.push_event(e[0], f"i{e[1]}", "cart", t0 + timedelta(seconds=e[1])), events, 20)
     )
@@ -137,7 +139,7 @@ def bench_store(
     batches = [
         [PushedEvent(user_id=next(others), item_id=f"i{n}", event_type="cart",
                      ts=t0 + timedelta(days=1, seconds=b * 8 + n)) for n in range(8)]
-        for b in range(pushes // 8 + 5)
+        for b in range(batches_of_8)
     ]
     batch8 = percentiles(time_calls(client.for_writes().push_events, batches, 5))
     return {
@@ -257,7 +259,7 @@ def main(argv: list[str] | None = None) -> None:
             try:
                 results["stores"].append(
                     bench_store(kind, feature_path, args.reads, args.pushes, args.max_len, args.seed, monitor,
-                                home, connection)
+                                connection)
                 )
             finally:
                 if redis_proc is not None:
